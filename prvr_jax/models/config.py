@@ -1,0 +1,65 @@
+"""Static hyper-parameters of the MSC retrieval network.
+
+A frozen dataclass (hashable, so it can be a static argument of `jax.jit`) built from the
+`model` section of an ml_collections config by `ModelConfig.from_config_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+# Widths of the Gaussian priors of DyGMM branches 1..7 (branch 0 has none), in the reference order.
+GAUSS_WIDTHS: tuple[float, ...] = (0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and regularisation of the network (reference names in brackets).
+
+  Attributes:
+    hidden_size: D, width of every encoder [hidden_size].
+    num_heads: attention heads [n_heads].
+    visual_input_size: D_v, frame feature width [visual_input_size].
+    query_input_size: D_t, caption token feature width [query_input_size].
+    max_desc_len: rows of the query positional table [max_desc_l].
+    max_ctx_len: rows of the clip/frame positional tables [max_ctx_l].
+    num_clips: clip tokens after OP-ToMe (the clip DyGMM block's length).
+    num_frames: frame tokens (the frame DyGMM block's length) [map_size].
+    sft_factor: softmax temperature of the DyGMM branch mixing.
+    input_dropout: dropout of the input projections and positional embeddings [input_drop].
+    dropout: attention-probability and hidden dropout [drop].
+    initializer_range: std of the normal init of Linear / Embedding weights.
+    gauss_widths: Gaussian prior widths of DyGMM branches 1..; branch 0 is plain attention.
+  """
+
+  hidden_size: int = 384
+  num_heads: int = 4
+  visual_input_size: int = 768
+  query_input_size: int = 768
+  max_desc_len: int = 77
+  max_ctx_len: int = 128
+  num_clips: int = 32
+  num_frames: int = 128
+  sft_factor: float = 0.09
+  input_dropout: float = 0.2
+  dropout: float = 0.2
+  initializer_range: float = 0.02
+  gauss_widths: tuple[float, ...] = GAUSS_WIDTHS
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads={self.num_heads}")
+
+  @classmethod
+  def from_config_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from a mapping (e.g. `config.model`), ignoring nothing: unknown keys are an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg) - fields
+    if unknown:
+      raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+    kwargs = dict(cfg)
+    if "gauss_widths" in kwargs:
+      kwargs["gauss_widths"] = tuple(float(w) for w in kwargs["gauss_widths"])
+    return cls(**kwargs)
