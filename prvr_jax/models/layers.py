@@ -1,0 +1,190 @@
+"""Building blocks of the GMMFormer-v2 / MSC encoders as flax linen modules.
+
+Every module is pure (init/apply); dropout draws from the 'dropout' rng stream and is off when
+`deterministic=True`. Linear and embedding weights are initialised N(0, initializer_range),
+biases 0, LayerNorm (1, 0), as the reference's `reset_parameters` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYER_NORM_EPS = 1e-5
+# Additive logit bias of masked keys; the reference uses -1e4, not -inf, and parity depends on it.
+MASKED_LOGIT_BIAS = -10000.0
+
+
+def normal_init(stddev: float) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=stddev)
+
+
+class Linear(nn.Module):
+  """y = x W + b with the reference's initialisation. (..., in) -> (..., features).
+
+  Parameters `kernel` (in, features) (the transpose of torch's weight) and `bias` (features,).
+  """
+
+  features: int
+  use_bias: bool = True
+  initializer_range: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", normal_init(self.initializer_range), (x.shape[-1], self.features))
+    y = jnp.dot(x, kernel)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    return y
+
+
+class LinearParams(nn.Module):
+  """Holds a Linear layer's (kernel (in, out), bias (out,)) without applying it.
+
+  Used where the layer is applied in a factorised form (the DyGMM weight-token cross-attention).
+  """
+
+  in_features: int
+  features: int
+  initializer_range: float = 0.02
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", normal_init(self.initializer_range),
+                        (self.in_features, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return kernel, bias
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, name=name)
+
+
+class InputProjection(nn.Module):
+  """The reference `LinearLayer`: LayerNorm(in) -> dropout -> Linear(in, D) -> ReLU.
+
+  (..., in) -> (..., features).
+  """
+
+  features: int
+  dropout: float
+  initializer_range: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    x = layer_norm("layer_norm")(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = Linear(self.features, initializer_range=self.initializer_range, name="linear")(x)
+    return nn.relu(x)
+
+
+class PositionalEmbedding(nn.Module):
+  """Trainable positional table added to the input, then LayerNorm and dropout.
+
+  (N, L, D) -> (N, L, D), L <= max_len.
+  """
+
+  max_len: int
+  dropout: float
+  initializer_range: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    length, dim = x.shape[-2], x.shape[-1]
+    if length > self.max_len:
+      raise ValueError(f"sequence length {length} exceeds the positional table size {self.max_len}")
+    table = self.param("embedding", normal_init(self.initializer_range), (self.max_len, dim))
+    x = layer_norm("layer_norm")(x + table[:length])
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+def gaussian_prior(length: int, width: float) -> np.ndarray:
+  """The multiplicative Gaussian attention prior of GMMFormer, (L, L) float32.
+
+  g[i, j] = exp(-(j/(L-1) - i/L)^2 / (2 s^2)), s = max(width, 1e-2) / 9, each row scaled to max 1.
+  Computed in float32 step by step as the reference does so the constants match bit for bit.
+  """
+  centre = (np.arange(length, dtype=np.float32) / np.float32(length))[:, None]
+  positions = np.linspace(0.0, 1.0, length, dtype=np.float32)[None, :]
+  sigma = np.float32(max(width, 1e-2)) / np.float32(9.0)
+  peak = np.float32(0.3989422804014327) / sigma
+  g = peak * np.exp(-((positions - centre) ** 2) / (np.float32(2.0) * sigma ** 2))
+  return (g / g.max(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class MultiHeadAttention(nn.Module):
+  """BERT self-attention with the GMMFormer Gaussian prior and ToMe proportional attention.
+
+  logits = (q k^T / sqrt(d_h)) * G_w  (if `gauss_width`), + -1e4 on masked keys,
+  + log(key size) (if `key_log_size`); softmax over keys; dropout on the probabilities.
+  """
+
+  num_heads: int
+  dropout: float
+  gauss_width: Optional[float] = None
+  initializer_range: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array, key_mask: Optional[jax.Array], key_log_size: Optional[jax.Array],
+               deterministic: bool) -> jax.Array:
+    """x: (N, L, D); key_mask: (N, L) {0,1} or None; key_log_size: (N, L) or None -> (N, L, D)."""
+    n, length, dim = x.shape
+    head_dim = dim // self.num_heads
+    proj = lambda name: Linear(dim, initializer_range=self.initializer_range, name=name)
+    split = lambda t: t.reshape(n, length, self.num_heads, head_dim)
+    q, k, v = split(proj("query")(x)), split(proj("key")(x)), split(proj("value")(x))
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.float32(np.sqrt(head_dim))
+    if self.gauss_width is not None:
+      logits = logits * jnp.asarray(gaussian_prior(length, self.gauss_width))
+    if key_mask is not None:
+      logits = logits + ((1.0 - key_mask) * MASKED_LOGIT_BIAS)[:, None, None, :]
+    if key_log_size is not None:
+      logits = logits + key_log_size[:, None, None, :]
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+    ctx = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+    return ctx.reshape(n, length, dim)
+
+
+class FeedForward(nn.Module):
+  """Linear(D, hidden) -> ReLU -> dropout -> Linear(hidden, D). (..., D) -> (..., D)."""
+
+  hidden: int
+  dropout: float
+  initializer_range: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    h = nn.relu(Linear(self.hidden, initializer_range=self.initializer_range, name="layer1")(x))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    return Linear(x.shape[-1], initializer_range=self.initializer_range, name="layer2")(h)
+
+
+class TransformerLayer(nn.Module):
+  """The reference `BertAttention`: post-LN self-attention + FFN (D -> 4D -> D).
+
+  x = LN1(x + drop(SA(x))); x = LN2(x + drop(FFN(x))). (N, L, D) -> (N, L, D).
+  """
+
+  num_heads: int
+  dropout: float
+  gauss_width: Optional[float] = None
+  ffn_multiplier: int = 4
+  initializer_range: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None,
+               key_log_size: Optional[jax.Array] = None, *, deterministic: bool) -> jax.Array:
+    att = MultiHeadAttention(self.num_heads, self.dropout, self.gauss_width,
+                             self.initializer_range, name="attention")(
+                                 x, key_mask, key_log_size, deterministic)
+    att = nn.Dropout(self.dropout)(att, deterministic=deterministic)
+    x = layer_norm("norm1")(x + att)
+    ffn = FeedForward(self.ffn_multiplier * x.shape[-1], self.dropout, self.initializer_range,
+                      name="ffn")(x, deterministic)
+    ffn = nn.Dropout(self.dropout)(ffn, deterministic=deterministic)
+    return layer_norm("norm2")(x + ffn)

@@ -1,0 +1,134 @@
+"""The MSC retrieval network (GMMFormer-v2 backbone + the `vproj_clip` CBVA head)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from prvr_jax.models.config import ModelConfig
+from prvr_jax.models.gmm_block import DyGMMBlock
+from prvr_jax.models.layers import InputProjection, Linear, PositionalEmbedding, TransformerLayer
+from prvr_jax.ops.similarity import max_token_scores
+
+# mask_logits' fill value for padded tokens in attention pooling (reference: -1e10).
+POOL_MASK_FILL = -1e10
+
+
+class MSCNet(nn.Module):
+  """Encodes queries, clip tokens and frame tokens into a shared D-dim space.
+
+  Inputs follow the reference batch: clip tokens are the 32 L2-normalised OP-ToMe tokens with their
+  merge sizes (proportional attention), frames the 128 L2-normalised resampled rows with a mask,
+  queries the L2-normalised CLIP token features with a mask.
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    init = c.initializer_range
+    self.query_input_proj = InputProjection(c.hidden_size, c.input_dropout, init)
+    self.query_pos_embed = PositionalEmbedding(c.max_desc_len, c.input_dropout, init)
+    self.query_encoder = TransformerLayer(c.num_heads, c.dropout, initializer_range=init)
+    self.query_pool = Linear(1, use_bias=False, initializer_range=init)
+    self.clip_input_proj = InputProjection(c.hidden_size, c.input_dropout, init)
+    self.clip_pos_embed = PositionalEmbedding(c.max_ctx_len, c.input_dropout, init)
+    self.clip_encoder = DyGMMBlock(c.num_clips, c.num_heads, c.dropout, c.sft_factor,
+                                   c.gauss_widths, init)
+    self.frame_input_proj = InputProjection(c.hidden_size, c.input_dropout, init)
+    self.frame_pos_embed = PositionalEmbedding(c.max_ctx_len, c.input_dropout, init)
+    self.frame_encoder = DyGMMBlock(c.num_frames, c.num_heads, c.dropout, c.sft_factor,
+                                    c.gauss_widths, init)
+    # The reference creates it with torch.randn and never re-initialises it: N(0, 1).
+    self.weight_token = self.param("weight_token", nn.initializers.normal(1.0), (c.hidden_size,))
+    self.vproj_clip = Linear(c.hidden_size, initializer_range=init)
+
+  def encode_query(self, text_feat: jax.Array, text_mask: jax.Array,
+                   deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """text_feat: (Q, L, D_t), text_mask: (Q, L) -> (pooled (Q, D), token states (Q, L, D))."""
+    x = self.query_input_proj(text_feat, deterministic)
+    x = self.query_pos_embed(x, deterministic)
+    x = self.query_encoder(x, text_mask, deterministic=deterministic)
+    logits = self.query_pool(x)[..., 0]
+    logits = logits * text_mask + (1.0 - text_mask) * POOL_MASK_FILL
+    weights = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("ql,qld->qd", weights, x), x
+
+  def encode_clips(self, clip_feat: jax.Array, merge_size: jax.Array,
+                   deterministic: bool = True) -> jax.Array:
+    """clip_feat: (B, K, D_v) normalised OP-ToMe tokens, merge_size: (B, K) -> (B, K, D)."""
+    x = self.clip_input_proj(clip_feat, deterministic)
+    x = self.clip_pos_embed(x, deterministic)
+    return self.clip_encoder(x, self.weight_token, None, jnp.log(merge_size),
+                             deterministic=deterministic)
+
+  def encode_frames(self, frame_feat: jax.Array, frame_mask: jax.Array,
+                    deterministic: bool = True) -> jax.Array:
+    """frame_feat: (B, F, D_v), frame_mask: (B, F) -> (B, F, D), zero at masked frames."""
+    x = self.frame_input_proj(frame_feat, deterministic)
+    x = self.frame_pos_embed(x, deterministic)
+    x = self.frame_encoder(x, self.weight_token, frame_mask, None, deterministic=deterministic)
+    return jnp.where(frame_mask[..., None] == 1.0, x, 0.0)
+
+  def project_for_alignment(self, tokens: jax.Array) -> jax.Array:
+    """The CBVA head `vproj_clip`. (..., D) -> (..., D)."""
+    return self.vproj_clip(tokens)
+
+  def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> dict[str, Any]:
+    """Forward pass on a training batch.
+
+    Args:
+      batch: `clip_video_features` (B, K, D_v), `merge_size` (B, K), `frame_video_features`
+        (B, F, D_v), `videos_mask` (B, F), `text_feat` (Q, L, D_t), `text_mask` (Q, L).
+      deterministic: disables dropout when True.
+
+    Returns:
+      dict with `video_query` (Q, D), `encoded_query` (Q, L, D), `clip_tokens` (B, K, D),
+      `frame_tokens` (B, F, D), the four (Q, B) score matrices `clip_scale_scores`,
+      `clip_scale_scores_` (unnormalised), `frame_scale_scores`, `frame_scale_scores_`, and the
+      CBVA projections `encoded_clip_feat` (B, K, D), `encoded_frame_feat` (B, F, D).
+    """
+    clip_tokens = self.encode_clips(batch["clip_video_features"], batch["merge_size"], deterministic)
+    frame_tokens = self.encode_frames(batch["frame_video_features"], batch["videos_mask"],
+                                      deterministic)
+    video_query, encoded_query = self.encode_query(batch["text_feat"], batch["text_mask"],
+                                                   deterministic)
+    return dict(
+        video_query=video_query,
+        encoded_query=encoded_query,
+        clip_tokens=clip_tokens,
+        frame_tokens=frame_tokens,
+        clip_scale_scores=max_token_scores(video_query, clip_tokens, normalize=True),
+        clip_scale_scores_=max_token_scores(video_query, clip_tokens, normalize=False),
+        frame_scale_scores=max_token_scores(video_query, frame_tokens, normalize=True),
+        frame_scale_scores_=max_token_scores(video_query, frame_tokens, normalize=False),
+        encoded_clip_feat=self.project_for_alignment(clip_tokens),
+        encoded_frame_feat=self.project_for_alignment(frame_tokens),
+    )
+
+
+def last_token_features(text_feat: jax.Array, text_mask: jax.Array) -> jax.Array:
+  """The caption's CLIP sentence embedding: its last valid (EOS) token row.
+
+  text_feat: (Q, L, D_t), text_mask: (Q, L) -> (Q, D_t). The TCPL teacher.
+  """
+  last = jnp.maximum(jnp.sum(text_mask, axis=-1).astype(jnp.int32) - 1, 0)
+  return jnp.take_along_axis(text_feat, last[:, None, None], axis=1)[:, 0]
+
+
+def init_params(config: ModelConfig, key: jax.Array, num_queries: int = 2,
+                text_len: Optional[int] = None) -> Any:
+  """Initialises the network's parameters from `key` (shapes only depend on `config`)."""
+  text_len = text_len or min(8, config.max_desc_len)
+  batch = dict(
+      clip_video_features=jnp.zeros((1, config.num_clips, config.visual_input_size)),
+      merge_size=jnp.ones((1, config.num_clips)),
+      frame_video_features=jnp.zeros((1, config.num_frames, config.visual_input_size)),
+      videos_mask=jnp.ones((1, config.num_frames)),
+      text_feat=jnp.zeros((num_queries, text_len, config.query_input_size)),
+      text_mask=jnp.ones((num_queries, text_len)),
+  )
+  return MSCNet(config).init({"params": key}, batch)["params"]

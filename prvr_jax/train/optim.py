@@ -1,0 +1,115 @@
+"""Optimisers: the reference's BertAdam as an Optax chain, and AdamW.
+
+BertAdam (the reference's optimiser): per-tensor gradient-norm clipping, Adam moments with NO bias
+correction, decoupled weight decay, and a linear warm-up / linear decay learning rate evaluated at
+the step count *before* the update (so the very first update has learning rate 0, as in the
+reference).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flax import traverse_util
+
+from prvr_jax.convert.torch_msc import torch_name_index
+
+# The reference exempts parameters whose torch name contains one of these from weight decay. Its
+# post-attention norms are named `norm1`/`norm2`, so they *are* decayed; we keep that.
+REFERENCE_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+
+
+def clip_by_per_tensor_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales each leaf to norm <= max_norm on its own (torch `clip_grad_norm_(p)` per parameter)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def clip(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g)))
+      return g * jnp.minimum(1.0, max_norm / (norm + 1e-6))
+
+    return jax.tree_util.tree_map(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class BertAdamState(NamedTuple):
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_without_bias_correction(b1: float = 0.9, b2: float = 0.999,
+                                          eps: float = 1e-6) -> optax.GradientTransformation:
+  """m / (sqrt(v) + eps) with raw exponential moving averages (no bias correction)."""
+
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros_like(p)
+    return BertAdamState(jax.tree_util.tree_map(zeros, params), jax.tree_util.tree_map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
+    nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, updates)
+    out = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return out, BertAdamState(mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def warmup_linear_schedule(peak_lr: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
+  """lr * (p / w if p < w else max((p - 1) / (w - 1), 0)), p = step / total_steps (reference)."""
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be positive, got {total_steps}")
+
+  def schedule(step):
+    progress = jnp.asarray(step, jnp.float32) / total_steps
+    if warmup_fraction <= 0:
+      return peak_lr * jnp.maximum(1.0 - progress, 0.0)
+    warm = progress / warmup_fraction
+    decay = jnp.maximum((progress - 1.0) / (warmup_fraction - 1.0), 0.0)
+    return peak_lr * jnp.where(progress < warmup_fraction, warm, decay)
+
+  return schedule
+
+
+def reference_decay_mask(params: Any) -> Any:
+  """True where the reference applies weight decay (by its torch parameter names)."""
+  decayed = {path: not any(nd in name for nd in REFERENCE_NO_DECAY)
+             for path, (name, _) in torch_name_index(params).items()}
+  return traverse_util.unflatten_dict(decayed)
+
+
+def bert_adam(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+              decay_mask: Any | Callable[[Any], Any] = reference_decay_mask) -> optax.GradientTransformation:
+  """The reference BertAdam as an Optax chain."""
+  parts = []
+  if max_grad_norm > 0:
+    parts.append(clip_by_per_tensor_norm(max_grad_norm))
+  parts.append(scale_by_adam_without_bias_correction(b1, b2, eps))
+  if weight_decay > 0:
+    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.01,
+          max_grad_norm: float = 1.0, decay_mask: Any | Callable[[Any], Any] = reference_decay_mask
+          ) -> optax.GradientTransformation:
+  """AdamW (bias-corrected) with global-norm clipping, the common alternative."""
+  return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                     optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask))
+
+
+def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
+  """'bert_adam' (reference) or 'adamw'."""
+  if name == "bert_adam":
+    return bert_adam(learning_rate, **kwargs)
+  if name == "adamw":
+    return adamw(learning_rate, **kwargs)
+  raise ValueError(f"unknown optimizer {name!r}; expected 'bert_adam' or 'adamw'")
