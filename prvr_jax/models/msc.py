@@ -131,4 +131,5 @@ def init_params(config: ModelConfig, key: jax.Array, num_queries: int = 2,
       text_feat=jnp.zeros((num_queries, text_len, config.query_input_size)),
       text_mask=jnp.ones((num_queries, text_len)),
   )
-  return MSCNet(config).init({"params": key}, batch)["params"]
+  init = jax.jit(lambda k, b: MSCNet(config).init({"params": k}, b)["params"])
+  return init(key, batch)
