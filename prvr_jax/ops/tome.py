@@ -117,50 +117,75 @@ def _first_of_each_output(keep: jax.Array, num_out: int) -> jax.Array:
   return jnp.sum(rank[:, None, :] < targets[None, :, None], axis=-1, dtype=jnp.int32)
 
 
-def _op_tome_round(x: jax.Array, sizes: jax.Array, labels: jax.Array,
-                   target: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One OP-ToMe round N -> target.
+def _span_sums(x: jax.Array, start: jax.Array, length: jax.Array, max_len: int) -> jax.Array:
+  """Sum of the frames of each span, gathered straight from the frames.
 
   Args:
-    x: (B, N, D) tokens.
-    sizes: (B, N) float32 token sizes.
-    labels: (B, N0) int32 frame -> token labels (values in [0, N)).
+    x: (B, N0, D) frames.
+    start: (B, T) int32 first frame of each span.
+    length: (B, T) int32 frames per span, 1 <= length <= max_len.
+    max_len: static upper bound of `length`.
+
+  Returns:
+    (B, T, D) sums. XLA fuses the gathers into their consumer, so only the result is written.
+  """
+  n0 = x.shape[1]
+  total = None
+  for m in range(max_len):  # trace-time unroll over the (<= 8) offsets inside a span
+    rows = jnp.take_along_axis(x, jnp.minimum(start + m, n0 - 1)[..., None], axis=1)
+    rows = jnp.where((m < length)[..., None], rows, 0.0)
+    total = rows if total is None else total + rows
+  return total
+
+
+def _op_tome_round(x: jax.Array, start: jax.Array, length: jax.Array, max_len: int,
+                   target: int) -> tuple[jax.Array, jax.Array]:
+  """One OP-ToMe round N -> target on tokens described by their frame spans.
+
+  A token after any round is the mean of the frames it covers (a size-weighted mean of means is
+  the mean of the union), so a pair's score a.b is (sum_a . sum_b) / (n_a n_b), computed from the
+  frames directly. Only (B, N) integers are carried between rounds: no token array is written
+  until the end, which is what makes this fast (the op is memory-bound).
+
+  Args:
+    x: (B, N0, D) frames.
+    start: (B, N) int32 first frame of each current token.
+    length: (B, N) int32 frames of each current token (<= max_len).
+    max_len: static bound of `length`.
     target: static output length.
 
   Returns:
-    (tokens (B, target, D), sizes (B, target), labels (B, N0) in [0, target)).
+    (start (B, target), length (B, target)) of the merged tokens.
   """
-  bsz, n, d = x.shape
+  bsz, n = start.shape
   p = n // 2
-  pairs = x.reshape(bsz, p, 2, d)
-  first, second = pairs[:, :, 0], pairs[:, :, 1]
-  score = jnp.sum(first * second, axis=-1)  # (B, P)
+  d = x.shape[-1]
+  # Token sums (first round: the frames themselves), then a pair's dot product as a product over
+  # the pair axis reduced over D: on CPU this reads the sums once, whereas slicing even and odd
+  # rows first makes XLA copy both halves.
+  sums = x if max_len == 1 else _span_sums(x, start, length, max_len)
+  dots = jnp.sum(jnp.prod(sums.reshape(bsz, p, 2, d), axis=2), axis=-1)
+  n_a, n_b = length[:, 0::2], length[:, 1::2]
+  score = dots / (n_a * n_b).astype(x.dtype)  # (B, P)
   # Rank of each pair in a stable descending sort: strictly better pairs, plus equal ones to the
   # left. The reference merges the N - target best pairs; stable ties are the natural choice
   # (its own torch.argsort is unstable, the golden data has no ties).
   better = score[:, None, :] > score[:, :, None]  # [b, p, q]: q beats p
   tie_left = (score[:, None, :] == score[:, :, None]) & (jnp.arange(p)[None, :] < jnp.arange(p)[:, None])
-  rank = jnp.sum(better | tie_left, axis=-1)
-  merged = rank < (n - target)  # (B, P)
-
-  s_pairs = sizes.reshape(bsz, p, 2)
-  merged_tok = _merge_rows(first, second, s_pairs[..., 0], s_pairs[..., 1], merged)
-  merged_size = jnp.where(merged, s_pairs[..., 0] + s_pairs[..., 1], s_pairs[..., 0])
-  # Per input row: the value it contributes if it opens an output row (a merged pair's second row
-  # never does).
-  row_tok = jnp.stack([merged_tok, second], axis=2).reshape(bsz, n, d)
-  row_size = jnp.stack([merged_size, s_pairs[..., 1]], axis=2).reshape(bsz, n)
+  merged = jnp.sum(better | tie_left, axis=-1) < (n - target)  # (B, P)
+  # Per input token: the span it opens if it starts an output token (a merged pair's second
+  # token never does).
+  row_start = start
+  row_len = jnp.stack([jnp.where(merged, n_a + n_b, n_a), n_b], axis=2).reshape(bsz, n)
   keep = jnp.stack([jnp.ones_like(merged), ~merged], axis=2).reshape(bsz, n)
-
-  # Output position of every input row: a merged pair's rows share one slot.
-  dest = jnp.cumsum(keep.astype(jnp.int32), axis=-1) - 1
   src = _first_of_each_output(keep, target)
-  new_x = jnp.take_along_axis(row_tok, src[..., None], axis=1)
-  new_sizes = jnp.take_along_axis(row_size, src, axis=1)
-  # Relabelling a frame by its token's output position equals the reference's "odd takes the even
-  # label, then renumber in increasing order" because outputs keep the input order.
-  new_labels = jnp.take_along_axis(dest, labels, axis=1)
-  return new_x, new_sizes, new_labels
+  return jnp.take_along_axis(row_start, src, axis=1), jnp.take_along_axis(row_len, src, axis=1)
+
+
+def _labels_from_starts(start: jax.Array, num_frames: int) -> jax.Array:
+  """Frame -> token labels of contiguous, ordered spans. (B, T) starts -> (B, F) int32."""
+  frames = jnp.arange(num_frames, dtype=jnp.int32)
+  return jnp.sum(start[:, None, :] <= frames[None, :, None], axis=-1, dtype=jnp.int32) - 1
 
 
 def op_tome(x: jax.Array, targets: tuple[int, ...] = OP_TOME_TARGETS) -> OpTomeResult:
@@ -187,20 +212,19 @@ def op_tome(x: jax.Array, targets: tuple[int, ...] = OP_TOME_TARGETS) -> OpTomeR
     raise ValueError("op_tome: empty target schedule")
   _check_schedule(n0, targets, "op_tome")
   x = jnp.asarray(x, jnp.float32)
-  sizes = jnp.ones((bsz, n0), jnp.float32)
-  labels = jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32), (bsz, n0))
+  start = jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32), (bsz, n0))
+  length = jnp.ones((bsz, n0), jnp.int32)
+  max_len = 1
   level_sizes, level_labels = [], []
   for target in targets:  # trace-time loop: the shapes change per level
-    x, sizes, labels = _op_tome_round(x, sizes, labels, target)
-    level_sizes.append(sizes)
-    level_labels.append(labels)
-  # Labels are non-decreasing, so a token's span is [#frames with a smaller label, #frames with a
-  # label <= its own).
-  tok = jnp.arange(targets[-1], dtype=jnp.int32)
-  end = jnp.sum(labels[:, None, :] <= tok[None, :, None], axis=-1, dtype=jnp.int32)
-  start = jnp.sum(labels[:, None, :] < tok[None, :, None], axis=-1, dtype=jnp.int32)
-  spans = jnp.stack([start, end], axis=-1)
-  return OpTomeResult(x, sizes, labels, spans, tuple(level_sizes), tuple(level_labels))
+    start, length = _op_tome_round(x, start, length, max_len, target)
+    max_len *= 2
+    level_sizes.append(length.astype(jnp.float32))
+    level_labels.append(_labels_from_starts(start, n0))
+  tokens = _span_sums(x, start, length, max_len) / length[..., None].astype(jnp.float32)
+  spans = jnp.stack([start, start + length], axis=-1)
+  return OpTomeResult(tokens, level_sizes[-1], level_labels[-1], spans, tuple(level_sizes),
+                      tuple(level_labels))
 
 
 def _greedy_pairs(sim: jax.Array, num_pairs: int) -> tuple[jax.Array, jax.Array]:
