@@ -1,0 +1,35 @@
+"""Shared pieces of the benchmark configs: model, loss, optimiser, training and eval sections.
+
+Every key means one thing; `get_config()` of each benchmark file starts from `base_config()` and
+overrides the reference's per-dataset values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def model_section(visual_input_size: int = 768, query_input_size: int = 768, dropout: float = 0.2,
+                  sft_factor: float = 0.09) -> ml_collections.ConfigDict:
+  """`config.model`: the fields of `prvr_jax.models.config.ModelConfig`."""
+  return ml_collections.ConfigDict(dict(
+      hidden_size=384, num_heads=4, visual_input_size=visual_input_size,
+      query_input_size=query_input_size, max_desc_len=77, max_ctx_len=128, num_clips=32,
+      num_frames=128, sft_factor=sft_factor, input_dropout=dropout, dropout=dropout,
+      initializer_range=0.02, gauss_widths=(0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)))
+
+
+def loss_section(margin: float = 0.1, clip_nce_weight: float = 0.05, frame_nce_weight: float = 0.04,
+                 sim_thr: float = 0.8) -> ml_collections.ConfigDict:
+  """`config.loss`: the fields of `prvr_jax.losses.config.LossConfig` (TVR values by default)."""
+  return ml_collections.ConfigDict(dict(
+      margin=margin, clip_nce_weight=clip_nce_weight, frame_nce_weight=frame_nce_weight,
+      hard_pool_size=20, use_tcpl=True, tcpl_distance_weight=15.0, tcpl_angle_weight=30.0,
+      tcpl_block_size=64, use_cbva=True, cbva_weight=0.1, adaptive_cbva=True, cbva_fixed_clips=32,
+      sim_thr=sim_thr))
+
+
+def optim_section(lr: float = 3e-4) -> ml_collections.ConfigDict:
+  """`config.optim`: BertAdam (reference) or AdamW, warm-up then linear decay."""
+  return ml_collections.ConfigDict(dict(
+      name="bert_adam", lr=lr, warmup_fraction=0.01, weight_decay=0.01, max_grad_norm=1.0))

@@ -1,0 +1,240 @@
+"""Benchmarks at the real TVR shapes. Prints one JSON object per line and case.
+
+  python -m prvr_jax.bench tome            # OP-ToMe 128 -> 32 on a batch of videos
+  python -m prvr_jax.bench loss            # MSC losses (+ their gradient) on model-sized outputs
+  python -m prvr_jax.bench step            # full train step: msc_B<n> and backbone_B<n>
+  python -m prvr_jax.bench block           # one DyGMM block forward+backward, per layout
+  python -m prvr_jax.bench all --batch 8,32 --repeats 5 --out bench.jsonl
+
+Every case reports `bench`, `case`, `items` (videos per call), `median_s` (seconds per call, median
+of `--repeats` timed calls after a warm-up call), `runs_s` and the machine. `step` adds the FLOPs
+XLA reports for the compiled step and the achieved fraction of the rate of a 2048x2048 f32 matmul
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prvr_jax.losses.config import LossConfig
+from prvr_jax.models.config import ModelConfig
+
+# The reference TVR setting.
+TVR_MODEL = ModelConfig()  # D=384, 4 heads, 768-d inputs, 32 clips, 128 frames
+CAPTIONS_PER_VIDEO = 5
+CAPTION_TOKENS = 20
+
+
+def _machine() -> dict[str, Any]:
+  return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+              device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+              jax=jax.__version__)
+
+
+def time_call(fn: Callable[[], Any], repeats: int) -> list[float]:
+  """Calls fn once to warm up (compile), then `repeats` times; seconds of each timed call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def _record(bench: str, case: str, items: int, times: list[float], **extra: Any) -> dict[str, Any]:
+  rec = dict(bench=bench, case=case, items=items, median_s=statistics.median(times),
+             runs_s=[round(t, 6) for t in times], **extra)
+  return rec
+
+
+def synthetic_batch(num_videos: int, key: jax.Array, model_cfg: ModelConfig = TVR_MODEL,
+                    captions_per_video: int = CAPTIONS_PER_VIDEO, caption_tokens: int = CAPTION_TOKENS
+                    ) -> dict[str, jax.Array]:
+  """A random training batch at the given shapes (frames with some temporal structure)."""
+  kf, kt, kn = jax.random.split(key, 3)
+  num_events = 4
+  events = jax.random.normal(kf, (num_videos, num_events, model_cfg.visual_input_size))
+  which = jnp.minimum(jnp.arange(model_cfg.num_frames) * num_events // model_cfg.num_frames, num_events - 1)
+  frames = events[:, which] + 0.3 * jax.random.normal(kn, (num_videos, model_cfg.num_frames,
+                                                           model_cfg.visual_input_size))
+  q = num_videos * captions_per_video
+  text = jax.random.normal(kt, (q, caption_tokens, model_cfg.query_input_size))
+  text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+  lengths = 8 + (jnp.arange(q) % (caption_tokens - 7))
+  mask = (jnp.arange(caption_tokens)[None, :] < lengths[:, None]).astype(jnp.float32)
+  return dict(video_frames=frames, text_feat=text * mask[..., None], text_mask=mask,
+              text_labels=jnp.repeat(jnp.arange(num_videos), captions_per_video).astype(jnp.int32))
+
+
+def bench_tome(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+  from prvr_jax.ops import tome  # pylint: disable=import-outside-toplevel
+  fn = jax.jit(tome.op_tome, static_argnums=1)
+  for b in batches:
+    x = synthetic_batch(b, jax.random.key(b))["video_frames"]
+    times = time_call(lambda: fn(x, (80, 52, 32)), repeats)
+    rec = _record("tome", f"op_tome_B{b}", b, times)
+    rec["per_video_ms"] = 1e3 * rec["median_s"] / b
+    yield rec
+
+
+def _fake_outputs(b: int, key: jax.Array, cfg: ModelConfig = TVR_MODEL) -> tuple[dict, dict]:
+  """Model-output-shaped random arrays and the matching batch fields for the loss bench."""
+  from prvr_jax.ops.video_inputs import prepare_video_inputs  # pylint: disable=import-outside-toplevel
+  batch = synthetic_batch(b, key)
+  batch.update(jax.jit(prepare_video_inputs)(batch["video_frames"]))
+  q = b * CAPTIONS_PER_VIDEO
+  ks = jax.random.split(key, 4)
+  out = dict(video_query=jax.random.normal(ks[0], (q, cfg.hidden_size)),
+             clip_tokens=jax.random.normal(ks[1], (b, cfg.num_clips, cfg.hidden_size)),
+             frame_tokens=jax.random.normal(ks[2], (b, cfg.num_frames, cfg.hidden_size)))
+  return out, batch
+
+
+def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+  """Value and gradient (w.r.t. the model outputs) of the loss terms, TVR weights."""
+  from prvr_jax.losses.total import msc_loss  # pylint: disable=import-outside-toplevel
+  from prvr_jax.ops.similarity import max_token_scores  # pylint: disable=import-outside-toplevel
+
+  def scored(o):
+    q, c, f = o["video_query"], o["clip_tokens"], o["frame_tokens"]
+    return dict(video_query=q, clip_scale_scores=max_token_scores(q, c, True),
+                clip_scale_scores_=max_token_scores(q, c, False),
+                frame_scale_scores=max_token_scores(q, f, True),
+                frame_scale_scores_=max_token_scores(q, f, False),
+                encoded_clip_feat=c, encoded_frame_feat=f)
+
+  variants = {
+      "msc": LossConfig(),
+      "backbone": LossConfig(use_tcpl=False, use_cbva=False),
+      "tcpl_only": LossConfig(use_cbva=False),
+      "cbva_only": LossConfig(use_tcpl=False),
+  }
+  for b in batches:
+    out, batch = _fake_outputs(b, jax.random.key(b))
+    for name, cfg in variants.items():
+      fn = jax.jit(jax.value_and_grad(
+          lambda o, bt, cfg=cfg: msc_loss(scored(o), bt, cfg, jax.random.key(0), True)[0]))
+      times = time_call(lambda: fn(out, batch), repeats)
+      yield _record("loss", f"{name}_B{b}", b, times, queries=b * CAPTIONS_PER_VIDEO)
+
+
+def matmul_rate(repeats: int = 5, n: int = 2048) -> float:
+  """FLOP/s of an n x n float32 matmul on the default device (median of `repeats`)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+  fn = jax.jit(jnp.matmul)
+  times = time_call(lambda: fn(a, b), repeats)
+  return 2.0 * n ** 3 / statistics.median(times)
+
+
+def _flops(compiled) -> Optional[float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def bench_step(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+  """Full optimisation step (forward, losses, backward, BertAdam) per batch size, MSC vs backbone."""
+  from prvr_jax.models.msc import init_params  # pylint: disable=import-outside-toplevel
+  from prvr_jax.train.optim import bert_adam, warmup_linear_schedule  # pylint: disable=import-outside-toplevel
+  from prvr_jax.train.step import create_train_state, make_train_step  # pylint: disable=import-outside-toplevel
+
+  rate = matmul_rate()
+  yield dict(bench="step", case="matmul_2048_f32", items=0, median_s=2.0 * 2048 ** 3 / rate,
+             flops_per_s=rate)
+  params = init_params(TVR_MODEL, jax.random.key(0))
+  schedule = warmup_linear_schedule(3e-4, 10_000, 0.01)
+  optimizer = bert_adam(schedule)
+  for b in batches:
+    batch = synthetic_batch(b, jax.random.key(b))
+    for name, loss_cfg in (("msc", LossConfig()), ("backbone", LossConfig(use_tcpl=False, use_cbva=False))):
+      step = jax.jit(make_train_step(TVR_MODEL, loss_cfg, optimizer, schedule), donate_argnums=0)
+      state = create_train_state(params, optimizer)
+      compiled = step.lower(state, batch, jax.random.key(0), jnp.asarray(True)).compile()
+      holder = {"state": state}
+
+      def run():
+        holder["state"], metrics = compiled(holder["state"], batch, jax.random.key(0), jnp.asarray(True))
+        return metrics["loss"]
+
+      times = time_call(run, repeats)
+      flops = _flops(compiled)
+      rec = _record("step", f"{name}_B{b}", b, times, flops=flops,
+                    matmul_flops_per_s=rate)
+      if flops:
+        rec["achieved_flops_per_s"] = flops / rec["median_s"]
+        rec["fraction_of_matmul_rate"] = rec["achieved_flops_per_s"] / rate
+      yield rec
+
+
+def bench_block(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+  """Forward+backward of the frame DyGMM block alone (the network's hot spot)."""
+  from prvr_jax.models.gmm_block import DyGMMBlock  # pylint: disable=import-outside-toplevel
+  cfg = TVR_MODEL
+  block = DyGMMBlock(cfg.num_frames, cfg.num_heads, cfg.dropout, cfg.sft_factor, cfg.gauss_widths)
+  for b in batches:
+    x = jax.random.normal(jax.random.key(b), (b, cfg.num_frames, cfg.hidden_size))
+    token = jnp.ones((cfg.hidden_size,))
+    mask = jnp.ones((b, cfg.num_frames))
+    params = block.init({"params": jax.random.key(0)}, x, token, mask, deterministic=True)
+
+    def loss(p, x):
+      y = block.apply(p, x, token, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
+      return jnp.sum(y * y)
+
+    fn = jax.jit(jax.grad(loss))
+    times = time_call(lambda: fn(params, x), repeats)
+    yield _record("block", f"frame_dygmm_fwd_bwd_B{b}", b, times)
+
+
+BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": bench_block}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m prvr_jax.bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("bench", choices=sorted(BENCHES) + ["all"])
+  parser.add_argument("--batch", default="8,32,128", help="comma-separated videos per batch")
+  parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (after warm-up)")
+  parser.add_argument("--out", help="also append the JSON lines to this file")
+  args = parser.parse_args(argv)
+  try:
+    batches = [int(b) for b in args.batch.split(",") if b]
+  except ValueError:
+    parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
+  if args.repeats < 1 or not batches or min(batches) < 1:
+    parser.error("--repeats and every --batch value must be positive")
+  names = sorted(BENCHES) if args.bench == "all" else [args.bench]
+  machine = _machine()
+  sink = open(args.out, "a", encoding="utf-8") if args.out else None
+  try:
+    for name in names:
+      for rec in BENCHES[name](batches, args.repeats):
+        rec["machine"] = machine
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if sink:
+          sink.write(line + "\n")
+          sink.flush()
+  finally:
+    if sink:
+      sink.close()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
