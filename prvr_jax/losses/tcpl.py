@@ -3,8 +3,8 @@
 Student: the pooled query vectors; teacher: the captions' CLIP EOS features (no gradient).
 Distance term: normalised pairwise distances (RKD-D); angle term: cosines of the angles at every
 anchor of every triple (RKD-A). The angle term is computed from Gram matrices in blocks of anchors
-(O(block * Q^2) memory, forward and backward) instead of the reference's (Q, Q, D) difference
-tensors.
+(O(block * Q * max(Q, D)) memory, forward and backward) instead of the reference's (Q, Q, D) difference
+tensors: everything follows from the (Q, Q) squared-distance matrices.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ from jax import lax
 
 PDIST_EPS = 1e-12
 NORMALIZE_EPS = 1e-12
-# A difference vector whose squared norm is below this fraction of |x_i|^2 + |x_j|^2 is treated
-# as zero (the reference normalises an exactly-zero difference to zero; in float32 anything this
-# small is rounding noise of the Gram formulation).
-_DUPLICATE_RTOL = 1e-10
 
 
 def smooth_l1(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -61,25 +57,36 @@ def rkd_distance(student: jax.Array, teacher: jax.Array, query_valid: jax.Array)
   return jnp.sum(jnp.where(pair, smooth_l1(s, t), 0.0)) / (n * n)
 
 
-def _centred_gram(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Gram matrix of the rows centred on their valid mean (differences are translation-invariant,
-  and centring shrinks the float32 cancellation in G_jk - G_ij - G_ik + G_ii)."""
-  w = valid.astype(x.dtype)[:, None]
-  mean = jnp.sum(x * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
-  xc = (x - mean) * w
-  g = jnp.dot(xc, xc.T, precision=lax.Precision.HIGHEST)
-  return g, jnp.diagonal(g)
+def _squared_distances(x: jax.Array, block: int) -> jax.Array:
+  """|x_i - x_j|^2 from the differences themselves, in row blocks. (Q, D) -> (Q, Q).
+
+  The Gram form |x_i|^2 + |x_j|^2 - 2 x_i.x_j loses most digits for near-duplicate rows; the
+  angle term divides by these lengths, so they are computed exactly (O(Q^2 D) work, O(block Q D)
+  memory; the block is rematerialised in the backward pass).
+  """
+  q = x.shape[0]
+  num_blocks = -(-q // block)
+  rows = jnp.minimum(jnp.arange(num_blocks * block).reshape(num_blocks, block), q - 1)
+
+  @jax.checkpoint
+  def rows_block(idx):
+    diff = x[idx][:, None, :] - x[None, :, :]
+    return jnp.sum(diff * diff, axis=-1)
+
+  return lax.map(rows_block, rows).reshape(num_blocks * block, q)[:q]
 
 
-def _angles(g: jax.Array, diag: jax.Array, anchors: jax.Array) -> jax.Array:
-  """A[a, j, k] = unit(x_j - x_a) . unit(x_k - x_a) for the anchor rows `anchors` (b,) -> (b, Q, Q)."""
-  g_a = g[anchors]  # (b, Q)
-  d_a = diag[anchors]  # (b,)
-  dots = g[None, :, :] - g_a[:, :, None] - g_a[:, None, :] + d_a[:, None, None]
-  sq = d_a[:, None] + diag[None, :] - 2.0 * g_a  # (b, Q) |x_j - x_a|^2
-  zero = sq <= _DUPLICATE_RTOL * (d_a[:, None] + diag[None, :])
-  zero = zero | (jnp.arange(g.shape[0])[None, :] == anchors[:, None])
-  inv = jnp.where(zero, 0.0, 1.0 / jnp.maximum(jnp.sqrt(jnp.where(zero, 1.0, sq)), NORMALIZE_EPS))
+def _angles(sq: jax.Array, anchors: jax.Array) -> jax.Array:
+  """A[a, j, k] = unit(x_j - x_a) . unit(x_k - x_a) for the anchors (b,), from squared distances.
+
+  (x_j - x_a).(x_k - x_a) = (|x_j - x_a|^2 + |x_k - x_a|^2 - |x_j - x_k|^2) / 2, so the whole
+  term needs only the (Q, Q) matrix `sq`: O(b Q^2) per block. An exactly zero difference (j = a,
+  or a duplicate row) normalises to zero, as in the reference's F.normalize.
+  """
+  sq_a = sq[anchors]  # (b, Q)
+  dots = 0.5 * (sq_a[:, :, None] + sq_a[:, None, :] - sq[None, :, :])
+  zero = sq_a <= 0.0
+  inv = jnp.where(zero, 0.0, 1.0 / jnp.maximum(jnp.sqrt(jnp.where(zero, 1.0, sq_a)), NORMALIZE_EPS))
   return dots * inv[:, :, None] * inv[:, None, :]
 
 
@@ -91,7 +98,7 @@ def rkd_angle(student: jax.Array, teacher: jax.Array, query_valid: jax.Array,
     student: (Q, D) query vectors.
     teacher: (Q, D_t) CLIP sentence embeddings (gradient stopped).
     query_valid: (Q,) bool.
-    block_size: anchors per block; memory is O(block_size * Q^2) in forward and backward.
+    block_size: rows per block; memory is O(block_size * Q * max(Q, D)) in forward and backward.
 
   Returns:
     scalar: mean over valid (i, j, k) of smooth_l1(A_s[i, j, k], A_t[i, j, k]).
@@ -99,18 +106,17 @@ def rkd_angle(student: jax.Array, teacher: jax.Array, query_valid: jax.Array,
   q = student.shape[0]
   block = max(1, min(block_size, q))
   num_blocks = -(-q // block)
-  g_s, d_s = _centred_gram(student, query_valid)
-  g_t, d_t = _centred_gram(lax.stop_gradient(teacher), query_valid)
-  g_t, d_t = lax.stop_gradient(g_t), lax.stop_gradient(d_t)
+  sq_s = _squared_distances(student, block)
+  sq_t = lax.stop_gradient(_squared_distances(lax.stop_gradient(teacher), block))
   pair = (query_valid[:, None] & query_valid[None, :]).astype(student.dtype)
   anchors = jnp.arange(num_blocks * block, dtype=jnp.int32).reshape(num_blocks, block)
 
   @jax.checkpoint
   def block_loss(idx):
-    live = (idx < q)
+    live = idx < q
     safe = jnp.minimum(idx, q - 1)
     w = (live & query_valid[safe]).astype(student.dtype)
-    diff = smooth_l1(_angles(g_s, d_s, safe), _angles(g_t, d_t, safe))
+    diff = smooth_l1(_angles(sq_s, safe), _angles(sq_t, safe))
     return jnp.sum(jnp.sum(diff * pair[None], axis=(1, 2)) * w)
 
   total = jnp.sum(lax.map(block_loss, anchors))
