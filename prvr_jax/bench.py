@@ -131,7 +131,7 @@ def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]
       yield _record("loss", f"{name}_B{b}", b, times, queries=b * CAPTIONS_PER_VIDEO)
 
 
-def matmul_rate(repeats: int = 5, n: int = 2048) -> float:
+def matmul_rate(repeats: int = 10, n: int = 2048) -> float:
   """FLOP/s of an n x n float32 matmul on the default device (median of `repeats`)."""
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
@@ -163,7 +163,8 @@ def bench_step(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]
     batch = synthetic_batch(b, jax.random.key(b))
     for name, loss_cfg in (("msc", LossConfig()), ("backbone", LossConfig(use_tcpl=False, use_cbva=False))):
       step = jax.jit(make_train_step(TVR_MODEL, loss_cfg, optimizer, schedule), donate_argnums=0)
-      state = create_train_state(params, optimizer)
+      # The step donates its state, so every variant starts from its own copy of the params.
+      state = create_train_state(jax.tree_util.tree_map(jnp.copy, params), optimizer)
       compiled = step.lower(state, batch, jax.random.key(0), jnp.asarray(True)).compile()
       holder = {"state": state}
 

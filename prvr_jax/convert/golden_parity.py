@@ -76,22 +76,16 @@ def _compare(key: str, kind: str, ours: Any, ref: np.ndarray) -> Row:
 
 
 def _split(values: np.ndarray, offsets: np.ndarray, what: str) -> list[np.ndarray]:
-  offsets = np.asarray(offsets)
-  if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != len(values) or np.any(np.diff(offsets) <= 0):
-    raise ParityError(f"{what} offsets are not increasing from 0 to {len(values)}")
-  return [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+  try:
+    return preprocess.split_concatenated(values, offsets)
+  except ValueError as e:
+    raise ParityError(f"{what} offsets: {e}") from e
 
 
 def _captions(caps: np.ndarray, offsets: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
   """Normalised, truncated, zero-padded caption tokens (Q, Lmax, D) and mask (Q, Lmax)."""
-  pieces = [preprocess.l2_normalize(c)[:MAX_CAPTION_TOKENS] for c in _split(caps, offsets, what)]
-  lmax = max(len(p) for p in pieces)
-  feat = np.zeros((len(pieces), lmax, caps.shape[1]), np.float32)
-  mask = np.zeros((len(pieces), lmax), np.float32)
-  for q, p in enumerate(pieces):  # host-side batch assembly of a handful of captions
-    feat[q, :len(p)] = p
-    mask[q, :len(p)] = 1.0
-  return feat, mask
+  return preprocess.pad_sequences([preprocess.l2_normalize(c) for c in _split(caps, offsets, what)],
+                                  MAX_CAPTION_TOKENS)
 
 
 def _video_batch(frames: np.ndarray, offsets: np.ndarray, length: int) -> dict[str, np.ndarray]:
