@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from prvr_jax.utils.config import checked_kwargs
+
 # Clip counts the loss-side merge can stop at, in merge order (32 is "no merge").
 CBVA_LEVELS: tuple[int, ...] = (20, 12, 8, 5)
 # omega thresholds -> clip count: omega >= 0.8 -> 5, >= 0.6 -> 8, >= 0.4 -> 12, >= 0.2 -> 20, else 32.
@@ -55,8 +57,4 @@ class LossConfig:
   @classmethod
   def from_config_dict(cls, cfg: Mapping[str, Any]) -> "LossConfig":
     """Builds from a mapping (e.g. `config.loss`); unknown keys are an error."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - fields
-    if unknown:
-      raise ValueError(f"unknown loss config keys: {sorted(unknown)}")
-    return cls(**dict(cfg))
+    return cls(**checked_kwargs(cls, cfg, "loss"))

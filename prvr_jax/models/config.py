@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from prvr_jax.utils.config import checked_kwargs
+
 # Widths of the Gaussian priors of DyGMM branches 1..7 (branch 0 has none), in the reference order.
 GAUSS_WIDTHS: tuple[float, ...] = (0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
 
@@ -55,11 +57,7 @@ class ModelConfig:
   @classmethod
   def from_config_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
     """Builds from a mapping (e.g. `config.model`), ignoring nothing: unknown keys are an error."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - fields
-    if unknown:
-      raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-    kwargs = dict(cfg)
+    kwargs = checked_kwargs(cls, cfg, "model")
     if "gauss_widths" in kwargs:
       kwargs["gauss_widths"] = tuple(float(w) for w in kwargs["gauss_widths"])
     return cls(**kwargs)
