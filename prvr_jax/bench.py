@@ -4,6 +4,7 @@
   python -m prvr_jax.bench loss            # MSC losses (+ their gradient) on model-sized outputs
   python -m prvr_jax.bench step            # full train step: msc_B<n> and backbone_B<n>
   python -m prvr_jax.bench block           # one DyGMM block forward+backward, per layout
+  python -m prvr_jax.bench data            # the grain loader at TVR shapes
   python -m prvr_jax.bench all --batch 8,32 --repeats 5 --out bench.jsonl
 
 Every case reports `bench`, `case`, `items` (videos per call), `median_s` (seconds per call, median
@@ -202,7 +203,15 @@ def bench_block(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]
     yield _record("block", f"frame_dygmm_fwd_bwd_B{b}", b, times)
 
 
-BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": bench_block}
+def bench_loader(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+  """grain training pipeline at TVR shapes (batches per second), one case per batch size."""
+  from prvr_jax.data.bench_data import bench_data  # pylint: disable=import-outside-toplevel
+  for b in batches:
+    yield from bench_data(repeats=repeats, batch_size=b)
+
+
+BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": bench_block,
+           "data": bench_loader}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

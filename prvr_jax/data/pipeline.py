@@ -1,0 +1,528 @@
+"""grain pipelines over a built PRVR dataset: fixed-shape numpy batches for training and evaluation.
+
+Every pipeline is a random-access `grain.MapDataset` whose element k is this process's part of
+global batch k, so that:
+  * order is a pure function of (seed, epoch, position): a per-epoch permutation of the split,
+    cut into global batches of `batch_size` videos, each cut into `process_count` equal local
+    batches; process p takes local batch p. Shards are disjoint and together cover the split.
+  * the last global batch of an epoch is padded with invalid items (`*_valid` False, index -1)
+    so every real item is used exactly once per epoch (training can drop it instead).
+  * iterator state (`it.get_state()` / `it.set_state(state)`) is the number of batches consumed,
+    so a restored iterator continues the same order, even with another process count.
+
+Host work is numpy only: frames resampled to `num_frames` rows (NOT normalised: OP-ToMe and the
+normalisation run on the device), caption tokens L2-normalised (x / (||x|| + 1e-5)), truncated,
+zero-padded. This module imports no JAX itself; it is what grain worker processes unpickle.
+(grain 0.2 itself imports `jax.profiler` when JAX is installed; no backend is initialised.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import threading
+from typing import Any, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from prvr_jax.data.preprocess import DEFAULT_LENGTH, l2_normalize, resample_to_fixed_length
+
+# Keys the jitted train step takes; the others are numpy bookkeeping.
+TRAIN_KEYS = ("video_frames", "video_valid", "text_feat", "text_mask", "text_labels", "query_valid")
+VIDEO_EVAL_KEYS = ("video_frames", "video_valid")
+QUERY_EVAL_KEYS = ("text_feat", "text_mask", "query_valid")
+CLIP_MAX_TOKENS = 77  # CLIP's context length; the reference truncates captions to it
+# Epochs of an "unbounded" training pipeline (MapDataset needs a length).
+_UNBOUNDED_EPOCHS = 1_000_000
+_METADATA_KEY = "prvr"
+
+
+# ----------------------------------------------------------------------------------------------
+# The built dataset.
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+  """What the pipelines need to know about one split of a built dataset.
+
+  Attributes:
+    dataset_dir: <data_dir>/<builder>/<config>/<version>.
+    split: split name.
+    num_videos: N examples (videos).
+    caption_offsets: (N + 1,) int64: captions of video i are [offsets[i], offsets[i+1]) in the
+      split's caption order (the query index).
+    max_captions: most captions of one video in this split.
+    max_caption_tokens: longest caption (rows) over all splits of the dataset.
+    video_dim: D_v, text_dim: D_t.
+    metadata: the dataset's whole "prvr" metadata (summary, synthetic concepts, ...).
+  """
+
+  dataset_dir: str
+  split: str
+  num_videos: int
+  caption_offsets: np.ndarray
+  max_captions: int
+  max_caption_tokens: int
+  video_dim: int
+  text_dim: int
+  metadata: dict[str, Any]
+
+  @property
+  def num_captions(self) -> int:
+    """Q, the number of captions (queries) of the split."""
+    return int(self.caption_offsets[-1])
+
+
+def open_split(dataset_dir: str | os.PathLike, split: str) -> SplitInfo:
+  """Reads the metadata of one split of a dataset written by a PRVR builder.
+
+  Raises:
+    FileNotFoundError: no PRVR dataset at `dataset_dir` (run --mode=prepare first).
+    KeyError: the split does not exist.
+  """
+  dataset_dir = pathlib.Path(dataset_dir)
+  meta_file = dataset_dir / "metadata.json"
+  if not meta_file.is_file():
+    raise FileNotFoundError(f"no prepared PRVR dataset at {dataset_dir} (missing metadata.json); "
+                            "run `python -m prvr_jax.main --mode=prepare` first")
+  meta = json.loads(meta_file.read_text())[_METADATA_KEY]
+  if split not in meta["splits"]:
+    raise KeyError(f"split {split!r} not in {dataset_dir} (has {sorted(meta['splits'])})")
+  counts = np.asarray(meta["splits"][split]["caption_counts"], np.int64)
+  offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  return SplitInfo(
+      dataset_dir=str(dataset_dir), split=split, num_videos=len(counts), caption_offsets=offsets,
+      max_captions=int(counts.max(initial=0)),
+      max_caption_tokens=max(int(s["max_caption_tokens"]) for s in meta["splits"].values()),
+      video_dim=int(meta["video_dim"]), text_dim=int(meta["text_dim"]), metadata=meta)
+
+
+class RecordSource:
+  """Random access to the examples of one split (picklable: opens the files lazily per process).
+
+  `source[i]` is example i decoded by TFDS into numpy (strings as bytes).
+  """
+
+  def __init__(self, dataset_dir: str | os.PathLike, split: str):
+    self.dataset_dir = os.fspath(dataset_dir)
+    self.split = split
+    self._source = None
+    self._lock = threading.Lock()
+
+  def _open(self):
+    with self._lock:
+      if self._source is None:
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # per process
+
+        builder = tfds.builder_from_directory(self.dataset_dir)
+        self._source = builder.as_data_source(split=self.split)
+    return self._source
+
+  def __len__(self) -> int:
+    return len(self._open())
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._open()[int(index)]
+
+  def __getstate__(self):
+    return dict(dataset_dir=self.dataset_dir, split=self.split)
+
+  def __setstate__(self, state):
+    self.__init__(state["dataset_dir"], state["split"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Order and sharding.
+
+
+class ShardedOrder:
+  """Random access: element index -> (item, valid, epoch) for one process.
+
+  Element g of this process is slot j of local batch s of epoch e, i.e. global position
+  pos = s * B * P + p * B + j of epoch e's order (B local batch, P processes, p this process).
+  Positions past the end of the split are padding: valid False, item = a real one (pos mod N),
+  so padded rows hold finite values.
+
+  Args:
+    num_items: N items of the split.
+    local_batch: B.
+    process_index, process_count: p, P.
+    num_epochs: epochs covered (the dataset's length).
+    seed: order seed; epoch e uses permutation rng([seed, e]).
+    shuffle: False keeps the split's order every epoch.
+    drop_remainder: drop the last, partial global batch of every epoch instead of padding it.
+  """
+
+  def __init__(self, num_items: int, local_batch: int, process_index: int, process_count: int,
+               num_epochs: int = 1, seed: int = 0, shuffle: bool = False, drop_remainder: bool = False):
+    if num_items < 1:
+      raise ValueError("the split has no items")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if local_batch < 1:
+      raise ValueError(f"local batch size must be >= 1, got {local_batch}")
+    self.num_items = num_items
+    self.local_batch = local_batch
+    self.process_index = process_index
+    self.process_count = process_count
+    self.num_epochs = num_epochs
+    self.seed = seed
+    self.shuffle = shuffle
+    global_batch = local_batch * process_count
+    self.steps_per_epoch = (num_items // global_batch if drop_remainder
+                            else math.ceil(num_items / global_batch))
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"drop_remainder with {num_items} items and a global batch of "
+                       f"{global_batch} leaves no batch")
+    self._perm_cache: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()  # loader threads share the cache
+
+  def __len__(self) -> int:
+    return self.steps_per_epoch * self.local_batch * self.num_epochs
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """(N,) order of epoch `epoch`."""
+    with self._lock:
+      perm = self._perm_cache.get(epoch)
+      if perm is None:
+        perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_items) if self.shuffle
+                else np.arange(self.num_items))
+        # Keep a couple of epochs: threads near an epoch boundary ask for both.
+        if len(self._perm_cache) >= 2:
+          self._perm_cache.pop(min(self._perm_cache))
+        self._perm_cache[epoch] = perm
+      return perm
+
+  def __getitem__(self, index: int) -> tuple[int, bool, int]:
+    epoch, rest = divmod(int(index), self.steps_per_epoch * self.local_batch)
+    step, slot = divmod(rest, self.local_batch)
+    pos = (step * self.process_count + self.process_index) * self.local_batch + slot
+    perm = self.permutation(epoch)
+    return int(perm[pos % self.num_items]), pos < self.num_items, epoch
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_perm_cache"] = {}
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-item numpy work.
+
+
+def caption_token_features(tokens: np.ndarray, max_tokens: int, keep_eos: bool = False) -> np.ndarray:
+  """Loader treatment of one caption: per-row L2 normalisation, then truncation.
+
+  Args:
+    tokens: (L, D_t) raw token features, EOS last.
+    max_tokens: rows kept.
+    keep_eos: when truncating, keep the first max_tokens - 1 rows and the EOS row (the reference
+      keeps the first max_tokens rows; it never truncates CLIP captions, which have <= 77 rows).
+
+  Returns:
+    (min(L, max_tokens), D_t) float32.
+  """
+  feat = l2_normalize(np.asarray(tokens, np.float32))
+  if feat.shape[0] <= max_tokens:
+    return feat
+  if keep_eos:
+    return np.concatenate([feat[:max_tokens - 1], feat[-1:]], axis=0)
+  return feat[:max_tokens]
+
+
+def split_captions(record: Mapping[str, Any]) -> list[np.ndarray]:
+  """The (L_c, D_t) token features of each caption of a decoded example."""
+  lengths = np.asarray(record["caption_lengths"], np.int64)
+  return np.split(np.asarray(record["caption_tokens"]), np.cumsum(lengths)[:-1])
+
+
+def _pad_captions(captions: Sequence[np.ndarray], rows: int, max_tokens: int, dim: int,
+                  keep_eos: bool) -> tuple[np.ndarray, np.ndarray]:
+  feat = np.zeros((rows, max_tokens, dim), np.float32)
+  mask = np.zeros((rows, max_tokens), np.float32)
+  for c, tokens in enumerate(captions):
+    t = caption_token_features(tokens, max_tokens, keep_eos)
+    feat[c, :len(t)] = t
+    mask[c, :len(t)] = 1.0
+  return feat, mask
+
+
+class _TrainItem(grain.transforms.Map):
+  """(record, valid, epoch) -> one video with up to C captions, padded to static shapes."""
+
+  def __init__(self, source: RecordSource, info: SplitInfo, max_captions: int, max_tokens: int,
+               num_frames: int, seed: int, keep_eos: bool):
+    self.source, self.info = source, info
+    self.max_captions, self.max_tokens, self.num_frames = max_captions, max_tokens, num_frames
+    self.seed, self.keep_eos = seed, keep_eos
+
+  def map(self, element):
+    index, valid, epoch = element
+    rec = self.source[index]
+    captions = split_captions(rec)
+    chosen = np.arange(len(captions))
+    if len(chosen) > self.max_captions:
+      # A different seeded subset each epoch, so that over epochs every caption is used.
+      rng = np.random.default_rng([self.seed, epoch, index, 1])
+      chosen = np.sort(rng.choice(len(captions), self.max_captions, replace=False))
+    feat, mask = _pad_captions([captions[c] for c in chosen], self.max_captions, self.max_tokens,
+                               self.info.text_dim, self.keep_eos)
+    query_valid = (np.arange(self.max_captions) < len(chosen)) & valid
+    query_index = np.full((self.max_captions,), -1, np.int32)
+    if valid:
+      query_index[:len(chosen)] = self.info.caption_offsets[index] + chosen
+    return dict(
+        video_frames=resample_to_fixed_length(rec["frames"], self.num_frames),
+        video_valid=np.bool_(valid), text_feat=feat, text_mask=mask, query_valid=query_valid,
+        video_index=np.int32(index if valid else -1), query_index=query_index,
+        epoch=np.int32(epoch))
+
+
+def _collate_train(items: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """B per-video items -> one batch with the queries of all videos flattened (Q = B * C)."""
+  out = {k: np.stack([it[k] for it in items]) for k in items[0]}
+  b, c = out["query_valid"].shape
+  for key in ("text_feat", "text_mask", "query_valid", "query_index"):
+    out[key] = out[key].reshape((b * c,) + out[key].shape[2:])
+  out["text_labels"] = np.repeat(np.arange(b, dtype=np.int32), c)
+  return out
+
+
+class _EvalVideo(grain.transforms.Map):
+  """(record, valid, _) -> one resampled video for corpus encoding."""
+
+  def __init__(self, source: RecordSource, num_frames: int):
+    self.source, self.num_frames = source, num_frames
+
+  def map(self, element):
+    index, valid, _ = element
+    rec = self.source[index]
+    return dict(video_frames=resample_to_fixed_length(rec["frames"], self.num_frames),
+                video_valid=np.bool_(valid), video_index=np.int32(index if valid else -1),
+                duration=np.float32(rec["duration"]))
+
+
+class _EvalQuery(grain.transforms.Map):
+  """(caption, valid, _) -> one caption with its ground-truth video."""
+
+  def __init__(self, source: RecordSource, info: SplitInfo, max_tokens: int, keep_eos: bool):
+    self.source, self.info, self.max_tokens, self.keep_eos = source, info, max_tokens, keep_eos
+
+  def map(self, element):
+    query, valid, _ = element
+    video = int(np.searchsorted(self.info.caption_offsets, query, side="right") - 1)
+    tokens = split_captions(self.source[video])[query - self.info.caption_offsets[video]]
+    feat, mask = _pad_captions([tokens], 1, self.max_tokens, self.info.text_dim, self.keep_eos)
+    return dict(text_feat=feat[0], text_mask=mask[0], query_valid=np.bool_(valid),
+                query_index=np.int32(query if valid else -1),
+                gt_video_index=np.int32(video if valid else -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines.
+
+
+def _local_batch(batch_size: int, process_count: int) -> int:
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} (global) must be a positive multiple of "
+                     f"process_count {process_count}")
+  return batch_size // process_count
+
+
+def resolve_max_tokens(info: SplitInfo, max_caption_tokens: int = 0) -> int:
+  """Static caption length L: the config's value, or (0) the longest caption, at most 77."""
+  return int(max_caption_tokens) if max_caption_tokens > 0 else min(CLIP_MAX_TOKENS, info.max_caption_tokens)
+
+
+def resolve_max_captions(info: SplitInfo, max_captions_per_video: int = 0) -> int:
+  """Static captions per video C: the config's value, or (0) the split's maximum."""
+  return int(max_captions_per_video) if max_captions_per_video > 0 else info.max_captions
+
+
+def train_dataset(dataset_dir: str | os.PathLike, split: str = "train", *, batch_size: int,
+                  max_captions_per_video: int = 0, max_caption_tokens: int = 0,
+                  num_frames: int = DEFAULT_LENGTH, seed: int = 0, shuffle: bool = True,
+                  num_epochs: int = 0, process_index: int = 0, process_count: int = 1,
+                  drop_remainder: bool = False, truncate_keep_eos: bool = False) -> grain.MapDataset:
+  """Training batches: B videos with all their captions (up to C), padded to static shapes.
+
+  Args:
+    dataset_dir: a built dataset (see prepare).
+    split: usually 'train'.
+    batch_size: global batch size (videos); each process gets batch_size // process_count.
+    max_captions_per_video: C (0: the split's maximum). A video with more captions uses a seeded
+      random subset of C of them, a different one each epoch (logged at construction).
+    max_caption_tokens: L (0: the longest caption, at most 77).
+    num_frames: rows after resampling (128).
+    seed: shuffling seed.
+    shuffle: reshuffle every epoch (False: the split's order).
+    num_epochs: epochs in the dataset (0: unbounded).
+    process_index, process_count: this process and how many there are (jax.process_index() /
+      jax.process_count(), passed in so that this module needs no JAX).
+    drop_remainder: drop the last partial global batch of each epoch instead of padding it.
+    truncate_keep_eos: see `caption_token_features`.
+
+  Returns:
+    MapDataset; element k (global step k) is a dict with B = local batch, Q = B * C:
+      video_frames (B, num_frames, D_v) float32, un-normalised
+      video_valid (B,) bool
+      text_feat (Q, L, D_t) float32, rows L2-normalised, zero padding
+      text_mask (Q, L) float32
+      text_labels (Q,) int32, the query's video within the batch (q // C)
+      query_valid (Q,) bool
+      and bookkeeping: video_index (B,) int32 (example index in the split, -1 padding),
+      query_index (Q,) int32 (caption index in the split, -1 padding), epoch (B,) int32.
+  """
+  info = open_split(dataset_dir, split)
+  local = _local_batch(batch_size, process_count)
+  max_captions = resolve_max_captions(info, max_captions_per_video)
+  max_tokens = resolve_max_tokens(info, max_caption_tokens)
+  over = int(np.sum(np.diff(info.caption_offsets) > max_captions))
+  if over:
+    logging.warning("%d of %d videos of %s/%s have more than %d captions; each epoch uses a seeded "
+                    "random subset of %d of them", over, info.num_videos, info.dataset_dir, split,
+                    max_captions, max_captions)
+  order = ShardedOrder(info.num_videos, local, process_index, process_count,
+                       num_epochs or _UNBOUNDED_EPOCHS, seed, shuffle, drop_remainder)
+  item = _TrainItem(RecordSource(dataset_dir, split), info, max_captions, max_tokens, num_frames,
+                    seed, truncate_keep_eos)
+  return grain.MapDataset.source(order).map(item).batch(local, batch_fn=_collate_train)
+
+
+def eval_video_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, batch_size: int,
+                       num_frames: int = DEFAULT_LENGTH, process_index: int = 0,
+                       process_count: int = 1) -> grain.MapDataset:
+  """Every video of a split once, in split order, padded to full batches.
+
+  Returns:
+    MapDataset of dicts (B = batch_size // process_count): video_frames (B, num_frames, D_v)
+    float32 un-normalised, video_valid (B,) bool, video_index (B,) int32 (-1 padding), duration
+    (B,) float32 seconds (-1 unknown).
+  """
+  info = open_split(dataset_dir, split)
+  local = _local_batch(batch_size, process_count)
+  order = ShardedOrder(info.num_videos, local, process_index, process_count)
+  video = _EvalVideo(RecordSource(dataset_dir, split), num_frames)
+  return grain.MapDataset.source(order).map(video).batch(local)
+
+
+def eval_query_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, batch_size: int,
+                       max_caption_tokens: int = 0, process_index: int = 0, process_count: int = 1,
+                       truncate_keep_eos: bool = False) -> grain.MapDataset:
+  """Every caption of a split once, in split order, padded to full batches.
+
+  Returns:
+    MapDataset of dicts (B = batch_size // process_count): text_feat (B, L, D_t) float32,
+    text_mask (B, L) float32, query_valid (B,) bool, query_index (B,) int32 (caption index in
+    the split, -1 padding), gt_video_index (B,) int32 (its video's index, -1 padding).
+  """
+  info = open_split(dataset_dir, split)
+  local = _local_batch(batch_size, process_count)
+  if info.num_captions == 0:
+    raise ValueError(f"{dataset_dir}/{split} has no captions")
+  order = ShardedOrder(info.num_captions, local, process_index, process_count)
+  query = _EvalQuery(RecordSource(dataset_dir, split), info, resolve_max_tokens(info, max_caption_tokens),
+                     truncate_keep_eos)
+  return grain.MapDataset.source(order).map(query).batch(local)
+
+
+def to_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch_batches: int = 2,
+                num_workers: int = 0) -> grain.DatasetIterator:
+  """A checkpointable iterator: `get_state()` -> dict, `set_state(dict)` resumes the same order.
+
+  Args:
+    dataset: one of the datasets above.
+    num_threads: threads preparing batches in this process (numpy releases the GIL in its heavy
+      parts; with 2 cores, 2 threads hide the loader behind the train step).
+    prefetch_batches: batches prepared ahead.
+    num_workers: > 0 adds grain worker processes (spawned; they import this module, numpy,
+      h5py-free TFDS reading code and grain, never prvr_jax's JAX modules).
+  """
+  ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                 prefetch_buffer_size=prefetch_batches))
+  if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    # grain reads one of its absl flags when starting workers; outside an absl app (tests,
+    # notebooks) nothing has parsed flags, so their defaults are taken as parsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
+
+
+def split_batch(batch: Mapping[str, np.ndarray], keys: Sequence[str] = TRAIN_KEYS
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(arrays for the jitted step, numpy bookkeeping) of a batch."""
+  return ({k: batch[k] for k in keys}, {k: v for k, v in batch.items() if k not in keys})
+
+
+def steps_per_epoch(dataset: grain.MapDataset, num_epochs: int = 1) -> int:
+  """Batches in one epoch of a dataset built with `num_epochs` epochs."""
+  return len(dataset) // num_epochs
+
+
+# ----------------------------------------------------------------------------------------------
+# From the config.
+
+
+def _data(config: Any) -> Any:
+  return config.data if hasattr(config, "data") else config["data"]
+
+
+def train_from_config(config: Any, dataset_dir: str | os.PathLike, *, process_index: int = 0,
+                      process_count: int = 1) -> grain.MapDataset:
+  """`train_dataset` with the `config.data` keys (shuffle seed: config.seed)."""
+  d = _data(config)
+  return train_dataset(
+      dataset_dir, d.get("train_split", "train"), batch_size=d.batch_size,
+      max_captions_per_video=d.get("max_captions_per_video", 0),
+      max_caption_tokens=d.get("max_caption_tokens", 0), num_frames=d.get("num_frames", DEFAULT_LENGTH),
+      seed=int(config.get("seed", 0)), shuffle=d.get("shuffle", True), num_epochs=d.get("num_epochs", 0),
+      process_index=process_index, process_count=process_count,
+      drop_remainder=d.get("drop_remainder", False), truncate_keep_eos=d.get("truncate_keep_eos", False))
+
+
+def eval_from_config(config: Any, dataset_dir: str | os.PathLike, split: str, *, process_index: int = 0,
+                     process_count: int = 1) -> tuple[grain.MapDataset, grain.MapDataset]:
+  """(eval_video_dataset, eval_query_dataset) of `split` with the `config.data` keys."""
+  d = _data(config)
+  videos = eval_video_dataset(dataset_dir, split, batch_size=d.get("eval_video_batch_size", 128),
+                              num_frames=d.get("num_frames", DEFAULT_LENGTH),
+                              process_index=process_index, process_count=process_count)
+  queries = eval_query_dataset(dataset_dir, split, batch_size=d.get("eval_query_batch_size", 256),
+                               max_caption_tokens=d.get("max_caption_tokens", 0),
+                               process_index=process_index, process_count=process_count,
+                               truncate_keep_eos=d.get("truncate_keep_eos", False))
+  return videos, queries
+
+
+def iterator_from_config(config: Any, dataset: grain.MapDataset) -> grain.DatasetIterator:
+  """`to_iterator` with `config.data.num_threads` / `prefetch_batches` / `num_workers`."""
+  d = _data(config)
+  return to_iterator(dataset, num_threads=d.get("num_threads", 2),
+                     prefetch_batches=d.get("prefetch_batches", 2), num_workers=d.get("num_workers", 0))
+
+
+def dataset_dir_from_config(config: Any, workdir: str | os.PathLike) -> str:
+  """Where `prepare` writes the dataset for this config (without building it)."""
+  from prvr_jax.data import builders  # pylint: disable=g-import-not-at-top  # TFDS builder classes
+
+  return str(builders.make_builder(_data(config), resolve_data_dir(config, workdir), progress=False).data_dir)
+
+
+def resolve_data_dir(config: Any, workdir: str | os.PathLike) -> str:
+  """The TFDS data dir: config.data.data_dir, or <workdir>/tfds when empty."""
+  d = _data(config)
+  return d.get("data_dir", "") or os.path.join(os.fspath(workdir), "tfds")
+
