@@ -33,3 +33,10 @@ def optim_section(lr: float = 3e-4) -> ml_collections.ConfigDict:
   """`config.optim`: BertAdam (reference) or AdamW, warm-up then linear decay."""
   return ml_collections.ConfigDict(dict(
       name="bert_adam", lr=lr, warmup_fraction=0.01, weight_decay=0.01, max_grad_norm=1.0))
+
+
+def train_section() -> ml_collections.ConfigDict:
+  """`config.train`: the reference schedule (100 epochs, hard negatives from epoch 20, early stop
+  after 10 epochs without a better val SumR)."""
+  return ml_collections.ConfigDict(dict(
+      num_epochs=100, hard_negative_start_epoch=20, early_stop_patience=10))

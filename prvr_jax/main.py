@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
   from prvr_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
   try:
     prepare(_CONFIG.value, _WORKDIR.value)
-  except DataError as e:
+  except (DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -30,3 +30,10 @@ def test_prepare_builds_synthetic_and_writes_summary(tmp_path):
 def test_missing_flags_are_a_usage_error(tmp_path):
   result = _run("--config=configs/synthetic.py")
   assert result.returncode != 0 and "--config and --workdir are required" in result.stderr + result.stdout
+
+
+def test_missing_feature_root_is_one_clear_error(tmp_path):
+  result = _run("--config=configs/tvr.py", f"--config.data.root={tmp_path / 'nope'}",
+                f"--workdir={tmp_path / 'w'}", "--mode=prepare")
+  assert result.returncode == 2
+  assert "data.root is not an existing folder" in result.stderr and "Traceback" not in result.stderr

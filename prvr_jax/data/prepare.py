@@ -18,7 +18,7 @@ import os
 import pathlib
 from typing import Any, Callable, Optional
 
-from prvr_jax.data import builders
+from prvr_jax.data import builders, formats
 from prvr_jax.data.builders.records import SplitStats
 from prvr_jax.data.pipeline import resolve_data_dir
 from prvr_jax.utils.files import atomic_write_text
@@ -76,6 +76,9 @@ def prepare(config: Any, workdir: str | os.PathLike, *, progress: bool = True,
   if name != "synthetic" and not root:
     raise ValueError(f"data.name={name!r} reads the authors' feature files: set --config.data.root "
                      "to the folder holding the collection's folder")
+  if name != "synthetic" and not pathlib.Path(root).is_dir():
+    # Checked here: TFDS would fail on it with a bare AssertionError.
+    raise formats.DataError(root, formats.WHOLE_FILE, "data.root is not an existing folder")
   builder = builders.make_builder(data, resolve_data_dir(config, workdir), progress=progress)
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if data.get("overwrite", False)
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
