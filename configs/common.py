@@ -40,3 +40,22 @@ def train_section() -> ml_collections.ConfigDict:
   after 10 epochs without a better val SumR)."""
   return ml_collections.ConfigDict(dict(
       num_epochs=100, hard_negative_start_epoch=20, early_stop_patience=10))
+
+
+def benchmark_config(name: str, *, visual_input_size: int = 768, query_input_size: int = 768,
+                     dropout: float, sft_factor: float, margin: float, clip_nce_weight: float,
+                     frame_nce_weight: float, sim_thr: float, lr: float,
+                     visual_feature: str = "clip") -> ml_collections.ConfigDict:
+  """A real benchmark's run config from the values the reference sets per dataset."""
+  from configs.data_defaults import data_section  # pylint: disable=import-outside-toplevel
+
+  config = ml_collections.ConfigDict()
+  config.seed = 9527
+  config.data = data_section(name, visual_feature=visual_feature)
+  config.model = model_section(visual_input_size=visual_input_size, query_input_size=query_input_size,
+                               dropout=dropout, sft_factor=sft_factor)
+  config.loss = loss_section(margin=margin, clip_nce_weight=clip_nce_weight,
+                             frame_nce_weight=frame_nce_weight, sim_thr=sim_thr)
+  config.optim = optim_section(lr=lr)
+  config.train = train_section()
+  return config

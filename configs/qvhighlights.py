@@ -7,16 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import loss_section, model_section, optim_section, train_section
-from configs.data_defaults import data_section
+from configs.common import benchmark_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 9527
-  config.data = data_section("qvhighlights", visual_feature="clipsf")
-  config.model = model_section(visual_input_size=2816, query_input_size=512, dropout=0.31, sft_factor=0.6)
-  config.loss = loss_section(margin=0.2, clip_nce_weight=0.02, frame_nce_weight=0.04, sim_thr=0.7)
-  config.optim = optim_section(lr=0.00025)
-  config.train = train_section()
-  return config
+  return benchmark_config("qvhighlights", visual_input_size=2816, query_input_size=512,
+                          visual_feature="clipsf", dropout=0.31, sft_factor=0.6, margin=0.2,
+                          clip_nce_weight=0.02, frame_nce_weight=0.04, sim_thr=0.7, lr=2.5e-4)

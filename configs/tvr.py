@@ -7,16 +7,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import loss_section, model_section, optim_section, train_section
-from configs.data_defaults import data_section
+from configs.common import benchmark_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 9527
-  config.data = data_section("tvr")
-  config.model = model_section(visual_input_size=768, query_input_size=768, dropout=0.2, sft_factor=0.09)
-  config.loss = loss_section(margin=0.1, clip_nce_weight=0.05, frame_nce_weight=0.04, sim_thr=0.8)
-  config.optim = optim_section(lr=0.0003)
-  config.train = train_section()
-  return config
+  return benchmark_config("tvr", dropout=0.2, sft_factor=0.09, margin=0.1, clip_nce_weight=0.05,
+                          frame_nce_weight=0.04, sim_thr=0.8, lr=3e-4)

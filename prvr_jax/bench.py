@@ -107,15 +107,11 @@ def _fake_outputs(b: int, key: jax.Array, cfg: ModelConfig = TVR_MODEL) -> tuple
 def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
   """Value and gradient (w.r.t. the model outputs) of the loss terms, TVR weights."""
   from prvr_jax.losses.total import msc_loss  # pylint: disable=import-outside-toplevel
-  from prvr_jax.ops.similarity import max_token_scores  # pylint: disable=import-outside-toplevel
+  from prvr_jax.ops.similarity import training_scores  # pylint: disable=import-outside-toplevel
 
   def scored(o):
     q, c, f = o["video_query"], o["clip_tokens"], o["frame_tokens"]
-    return dict(video_query=q, clip_scale_scores=max_token_scores(q, c, True),
-                clip_scale_scores_=max_token_scores(q, c, False),
-                frame_scale_scores=max_token_scores(q, f, True),
-                frame_scale_scores_=max_token_scores(q, f, False),
-                encoded_clip_feat=c, encoded_frame_feat=f)
+    return dict(training_scores(q, c, f), video_query=q, encoded_clip_feat=c, encoded_frame_feat=f)
 
   variants = {
       "msc": LossConfig(),

@@ -24,7 +24,7 @@ from prvr_jax.losses.config import LossConfig
 from prvr_jax.losses.total import cbva_terms, msc_loss
 from prvr_jax.models.msc import MSCNet, last_token_features
 from prvr_jax.ops import tome
-from prvr_jax.ops.similarity import l2_normalize, max_token_scores
+from prvr_jax.ops.similarity import fused_scores, l2_normalize, max_token_scores
 from prvr_jax.ops.video_inputs import OP_TOME_TARGETS, data_l2_normalize
 
 # (atol, rtol) per kind of key; 'exact' keys are integers or integer-valued and must be equal.
@@ -261,7 +261,7 @@ def _eval_rows(g: Mapping[str, np.ndarray], model: MSCNet, params: Any, length: 
       vb["videos_mask"], text_feat, text_mask)
   clip = max_token_scores(query, clip_tokens, normalize=True)
   frame = max_token_scores(query, frame_tokens, normalize=True)
-  fused = clip_w * clip + frame_w * frame
+  fused = fused_scores(clip, frame, clip_w, frame_w)
   reorder = lambda s: np.asarray(s)[q_order][:, v_order]
   check("eval/in/clip_video_features", "features", vb["clip_video_features"][v_order])
   check("eval/in/frame_video_features", "features", vb["frame_video_features"][v_order])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.gmm_block import DyGMMBlock
 from prvr_jax.models.layers import InputProjection, Linear, PositionalEmbedding, TransformerLayer
-from prvr_jax.ops.similarity import max_token_scores
+from prvr_jax.ops.similarity import training_scores
 
 # mask_logits' fill value for padded tokens in attention pooling (reference: -1e10).
 POOL_MASK_FILL = -1e10
@@ -101,10 +101,7 @@ class MSCNet(nn.Module):
         encoded_query=encoded_query,
         clip_tokens=clip_tokens,
         frame_tokens=frame_tokens,
-        clip_scale_scores=max_token_scores(video_query, clip_tokens, normalize=True),
-        clip_scale_scores_=max_token_scores(video_query, clip_tokens, normalize=False),
-        frame_scale_scores=max_token_scores(video_query, frame_tokens, normalize=True),
-        frame_scale_scores_=max_token_scores(video_query, frame_tokens, normalize=False),
+        **training_scores(video_query, clip_tokens, frame_tokens),
         encoded_clip_feat=self.project_for_alignment(clip_tokens),
         encoded_frame_feat=self.project_for_alignment(frame_tokens),
     )

@@ -35,3 +35,24 @@ def fused_scores(clip_scores: jax.Array, frame_scores: jax.Array, clip_weight: f
                  frame_weight: float = 0.6) -> jax.Array:
   """Retrieval score: clip_weight * clip + frame_weight * frame. (Q, B) x 2 -> (Q, B)."""
   return clip_weight * clip_scores + frame_weight * frame_scores
+
+
+def training_scores(video_query: jax.Array, clip_tokens: jax.Array,
+                    frame_tokens: jax.Array) -> dict[str, jax.Array]:
+  """The four (Q, B) score matrices of the training losses.
+
+  Args:
+    video_query: (Q, D) pooled queries.
+    clip_tokens: (B, K, D) clip-branch tokens.
+    frame_tokens: (B, F, D) frame-branch tokens (zero where masked).
+
+  Returns:
+    `clip_scale_scores` / `frame_scale_scores` (cosine, for the triplet losses) and
+    `clip_scale_scores_` / `frame_scale_scores_` (raw dot products, for the NCE losses).
+  """
+  return dict(
+      clip_scale_scores=max_token_scores(video_query, clip_tokens, normalize=True),
+      clip_scale_scores_=max_token_scores(video_query, clip_tokens, normalize=False),
+      frame_scale_scores=max_token_scores(video_query, frame_tokens, normalize=True),
+      frame_scale_scores_=max_token_scores(video_query, frame_tokens, normalize=False),
+  )
