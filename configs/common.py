@@ -16,7 +16,7 @@ def model_section(visual_input_size: int = 768, query_input_size: int = 768, dro
       hidden_size=384, num_heads=4, visual_input_size=visual_input_size,
       query_input_size=query_input_size, max_desc_len=77, max_ctx_len=128, num_clips=32,
       num_frames=128, sft_factor=sft_factor, input_dropout=dropout, dropout=dropout,
-      initializer_range=0.02, gauss_widths=(0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)))
+      initializer_range=0.02, gauss_widths=(0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0), use_op_tome=True))
 
 
 def loss_section(margin: float = 0.1, clip_nce_weight: float = 0.05, frame_nce_weight: float = 0.04,
@@ -25,7 +25,7 @@ def loss_section(margin: float = 0.1, clip_nce_weight: float = 0.05, frame_nce_w
   return ml_collections.ConfigDict(dict(
       margin=margin, clip_nce_weight=clip_nce_weight, frame_nce_weight=frame_nce_weight,
       hard_pool_size=20, use_tcpl=True, tcpl_distance_weight=15.0, tcpl_angle_weight=30.0,
-      tcpl_block_size=64, use_cbva=True, cbva_weight=0.1, adaptive_cbva=True, cbva_fixed_clips=32,
+      tcpl_block_size=64, tcpl_scope="global", use_cbva=True, cbva_weight=0.1, adaptive_cbva=True, cbva_fixed_clips=32,
       sim_thr=sim_thr))
 
 
@@ -35,11 +35,40 @@ def optim_section(lr: float = 3e-4) -> ml_collections.ConfigDict:
       name="bert_adam", lr=lr, warmup_fraction=0.01, weight_decay=0.01, max_grad_norm=1.0))
 
 
-def train_section() -> ml_collections.ConfigDict:
-  """`config.train`: the reference schedule (100 epochs, hard negatives from epoch 20, early stop
-  after 10 epochs without a better val SumR)."""
+def train_section(num_epochs: int = 100) -> ml_collections.ConfigDict:
+  """`config.train`: the loop (reference schedule: 100 epochs, hard negatives from epoch 20, early
+  stop after 10 evaluations without a better val SumR).
+
+  Keys:
+    num_epochs: length of the run and of the learning-rate schedule.
+    max_steps: stop after this many steps (0 = run all epochs); the schedule still follows
+      num_epochs, so a short run is the start of the long one.
+    hard_negative_start_epoch: triplet negatives from the hardest pool from this epoch on.
+    early_stop_patience: stop after this many evaluations without a better val SumR (0 = never).
+    log_every: steps between lines of metrics.jsonl / TensorBoard.
+    checkpoint_every: steps between checkpoints (0 = at every evaluation only); a checkpoint is
+      also written at every evaluation, at the end and on SIGTERM.
+    keep_checkpoints: latest checkpoints kept (the best by val SumR is kept besides).
+  """
   return ml_collections.ConfigDict(dict(
-      num_epochs=100, hard_negative_start_epoch=20, early_stop_patience=10))
+      num_epochs=num_epochs, max_steps=0, hard_negative_start_epoch=20, early_stop_patience=10,
+      log_every=50, checkpoint_every=0, keep_checkpoints=2))
+
+
+def eval_section() -> ml_collections.ConfigDict:
+  """`config.eval`.
+
+  Keys:
+    every: steps between validation runs (0 = at the end of every epoch).
+    clip_weight, frame_weight: fusion of the clip- and frame-scale scores (0.4 / 0.6).
+    final_splits: splits evaluated with the best checkpoint when training ends, and by
+      --mode=eval (a split the dataset lacks is skipped with a message).
+    diagnostics: also compute the semantic-collapse diagnostics (and their plot) at the end.
+    diagnostics_max_queries: queries used by the diagnostics.
+  """
+  return ml_collections.ConfigDict(dict(
+      every=0, clip_weight=0.4, frame_weight=0.6, final_splits=("val", "test"), diagnostics=True,
+      diagnostics_max_queries=2000))
 
 
 def benchmark_config(name: str, *, visual_input_size: int = 768, query_input_size: int = 768,
@@ -58,4 +87,5 @@ def benchmark_config(name: str, *, visual_input_size: int = 768, query_input_siz
                              frame_nce_weight=frame_nce_weight, sim_thr=sim_thr)
   config.optim = optim_section(lr=lr)
   config.train = train_section()
+  config.eval = eval_section()
   return config

@@ -50,7 +50,7 @@ def data_section(name: str = "synthetic", **overrides) -> ml_collections.ConfigD
       name=name, root="", visual_feature="clip", data_dir="", on_error="raise", overwrite=False,
       batch_size=128, max_captions_per_video=0, max_caption_tokens=0, truncate_keep_eos=False,
       num_frames=128, shuffle=True, num_epochs=0, drop_remainder=False,
-      eval_video_batch_size=100, eval_query_batch_size=50,
+      eval_video_batch_size=32, eval_query_batch_size=256,
       train_split="train", val_split="val", test_split="test",
       num_threads=2, prefetch_batches=2, num_workers=0,
       synthetic=synthetic_section()))

@@ -5,6 +5,7 @@
   python -m prvr_jax.bench step            # full train step: msc_B<n> and backbone_B<n>
   python -m prvr_jax.bench block           # one DyGMM block forward+backward, per layout
   python -m prvr_jax.bench data            # the grain loader at TVR shapes
+  python -m prvr_jax.bench eval --videos 500 --queries 2500   # evaluation end to end
   python -m prvr_jax.bench all --batch 8,32 --repeats 5 --out bench.jsonl
 
 Every case reports `bench`, `case`, `items` (videos per call), `median_s` (seconds per call, median
@@ -213,10 +214,12 @@ BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": 
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m prvr_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("bench", choices=sorted(BENCHES) + ["all"])
+  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "all"])
   parser.add_argument("--batch", default="8,32,128", help="comma-separated videos per batch")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (after warm-up)")
   parser.add_argument("--out", help="also append the JSON lines to this file")
+  parser.add_argument("--videos", type=int, default=500, help="eval: corpus videos")
+  parser.add_argument("--queries", type=int, default=2500, help="eval: queries")
   args = parser.parse_args(argv)
   try:
     batches = [int(b) for b in args.batch.split(",") if b]
@@ -224,12 +227,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
   if args.repeats < 1 or not batches or min(batches) < 1:
     parser.error("--repeats and every --batch value must be positive")
+  if args.videos < 1 or args.queries < 1:
+    parser.error("--videos and --queries must be positive")
   names = sorted(BENCHES) if args.bench == "all" else [args.bench]
   machine = _machine()
   sink = open(args.out, "a", encoding="utf-8") if args.out else None
   try:
     for name in names:
-      for rec in BENCHES[name](batches, args.repeats):
+      if name == "eval":
+        from prvr_jax.eval.bench_eval import bench_eval  # pylint: disable=import-outside-toplevel
+        records = bench_eval(args.videos, args.queries, args.repeats)
+      else:
+        records = BENCHES[name](batches, args.repeats)
+      for rec in records:
         rec["machine"] = machine
         line = json.dumps(rec)
         print(line, flush=True)

@@ -1,37 +1,85 @@
 """Entry point: flags only; the work lives in importable functions.
 
-  python -m prvr_jax.main --config=configs/synthetic.py --workdir=/tmp/run --mode=prepare
+  python -m prvr_jax.main                                   # synthetic benchmark: train + eval
+  python -m prvr_jax.main --config=configs/tvr.py --config.data.root=DIR --workdir=runs/tvr
+  python -m prvr_jax.main --config=... --workdir=W --mode=eval
 
-Modes implemented so far: `prepare` (build the dataset of `config.data`, write
-`<workdir>/prepare_summary.json`). Training and evaluation modes come with the training loop.
+Modes: `prepare` (build the dataset of `config.data`, write `<workdir>/prepare_summary.json`),
+`train` (prepare when needed, train with resumption from `<workdir>`, evaluate the best checkpoint,
+write plots), `eval` (evaluate a trained workdir's best checkpoint). Multi-process runs are started
+by launch/*.sh, which set PRVR_COORDINATOR_ADDRESS / PRVR_NUM_PROCESSES / PRVR_PROCESS_ID or
+PRVR_DISTRIBUTED=auto (see prvr_jax/parallel.py).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (summaries, datasets, checkpoints).")
-_MODE = flags.DEFINE_enum("mode", "prepare", ["prepare"], "What to do.")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "synthetic.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (datasets, checkpoints, metrics, "
+                               "plots); default runs/<config.data.name>.")
+_MODE = flags.DEFINE_enum("mode", "train", ["prepare", "train", "eval"], "What to do.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                                "--mode=eval: which checkpoint to evaluate.")
 
 
-def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required")
+def run(config, workdir: str, mode: str, checkpoint: str = "best") -> int:
+  """Runs one mode; returns the process exit code. Bad input is one message, not a traceback."""
   # Imported here: grain workers re-import __main__, and must not pull in JAX-heavy modules.
   from prvr_jax.data.formats import DataError  # pylint: disable=import-outside-toplevel
   from prvr_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
+
+  expected = (DataError, ValueError, KeyError, FileNotFoundError)
   try:
-    prepare(_CONFIG.value, _WORKDIR.value)
-  except (DataError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    if mode == "prepare":
+      prepare(config, workdir)
+      return 0
+    from prvr_jax import parallel  # pylint: disable=import-outside-toplevel
+    from prvr_jax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+    from prvr_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+    parallel.initialize_distributed()
+    expected += (ckpt.CheckpointError, loop.NonFiniteLossError)
+    if mode == "train":
+      summary = loop.train_and_evaluate(config, workdir)
+      print(f"train: stopped ({summary['stopped']}) at step {summary['step']}; best val SumR "
+            f"{summary['best_val_SumR']:.2f} at step {summary['best_step']}; "
+            f"{summary['seconds_per_step']:.3f} s/step; outputs in {workdir}", file=sys.stderr)
+    else:
+      loop.evaluate_run(workdir, which=checkpoint)
+    return 0
+  except expected as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"error: {message}", file=sys.stderr)
     return 2
-  return 0
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and TFDS log every save and read at INFO; progress bars and summaries say what matters.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join("runs", config.data.name)
+  code = run(config, workdir, _MODE.value, _CHECKPOINT.value)
+  if os.environ.get("PRVR_NUM_PROCESSES") or os.environ.get("PRVR_DISTRIBUTED"):
+    # After jax.distributed started, a normal interpreter exit can wait forever on the other
+    # processes' collectives; leave at once with the code (logs are flushed first).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,24 @@ def test_benchmark_config(name):
   assert (loss.tcpl_distance_weight, loss.tcpl_angle_weight, loss.cbva_weight) == (15.0, 30.0, 0.1)
   assert cfg.data.name == name and cfg.data.batch_size % 8 == 0
   assert (cfg.train.num_epochs, cfg.train.hard_negative_start_epoch, cfg.train.early_stop_patience) == (100, 20, 10)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED) + ["synthetic"])
+def test_every_config_has_the_run_keys_and_device_friendly_batches(name):
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  for key in ("seed", "data.root", "train.max_steps", "train.log_every", "train.checkpoint_every",
+              "eval.every", "loss.use_tcpl", "loss.use_cbva", "loss.adaptive_cbva", "model.use_op_tome",
+              "loss.tcpl_scope"):
+    node = cfg
+    for part in key.split("."):
+      assert part in node, f"{name}: missing {key}"
+      node = node[part]
+  for key in ("batch_size", "eval_video_batch_size", "eval_query_batch_size"):
+    assert cfg.data[key] % 8 == 0, f"{name}: data.{key}={cfg.data[key]} does not run on 8 devices"
+  # The synthetic demo uses the full MSC objective too (ablations switch it off explicitly).
+  assert cfg.loss.use_tcpl and cfg.loss.use_cbva and cfg.loss.adaptive_cbva and cfg.model.use_op_tome
+
+
+def test_uniform_clips_need_frames_divisible_by_clips():
+  with pytest.raises(ValueError, match="use_op_tome=False"):
+    ModelConfig(num_frames=128, num_clips=30, use_op_tome=False)

@@ -1,4 +1,4 @@
-"""`python -m prvr_jax.main --mode=prepare` end to end on the synthetic config."""
+"""`python -m prvr_jax.main`: prepare end to end on the synthetic config, and its error paths."""
 
 from __future__ import annotations
 
@@ -27,9 +27,16 @@ def test_prepare_builds_synthetic_and_writes_summary(tmp_path):
   assert second.returncode == 0 and json.loads((tmp_path / "prepare_summary.json").read_text())["reused"]
 
 
-def test_missing_flags_are_a_usage_error(tmp_path):
-  result = _run("--config=configs/synthetic.py")
-  assert result.returncode != 0 and "--config and --workdir are required" in result.stderr + result.stdout
+def test_unknown_mode_is_a_usage_error(tmp_path):
+  result = _run("--config=configs/synthetic.py", f"--workdir={tmp_path}", "--mode=fly")
+  assert result.returncode != 0 and "--mode" in result.stderr + result.stdout
+  assert not any(tmp_path.iterdir())
+
+
+def test_eval_of_an_untrained_workdir_is_one_clear_error(tmp_path):
+  result = _run("--config=configs/synthetic.py", f"--workdir={tmp_path}", "--mode=eval")
+  assert result.returncode == 2
+  assert "config.json not found" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_feature_root_is_one_clear_error(tmp_path):

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 import uuid
 import zipfile
 from typing import Any, Iterable, Mapping

@@ -11,6 +11,38 @@ import numpy as np
 RECALL_KS: tuple[int, ...] = (1, 5, 10, 100)
 
 
+def best_gt_score(scores: jax.Array, gt_mask: jax.Array) -> jax.Array:
+  """Best score among a query's ground-truth videos (-inf when none is in `scores`).
+
+  The max over video chunks of this is the corpus-wide best ground-truth score.
+
+  Args:
+    scores: (..., Q, B) query-video scores.
+    gt_mask: (..., Q, B) True where the video is a ground truth of the query (broadcastable).
+
+  Returns:
+    (..., Q) float.
+  """
+  return jnp.max(jnp.where(gt_mask, scores, -jnp.inf), axis=-1)
+
+
+def count_above(scores: jax.Array, threshold: jax.Array, counted: jax.Array | None = None) -> jax.Array:
+  """Number of videos scored strictly above `threshold` (ties are not counted).
+
+  Args:
+    scores: (..., Q, B) query-video scores.
+    threshold: (..., Q, 1) per-query threshold, usually the best ground-truth score.
+    counted: (..., Q, B) or (B,) bool, False for videos that never count (padding), or None.
+
+  Returns:
+    (..., Q) int32.
+  """
+  better = scores > threshold
+  if counted is not None:
+    better = better & counted
+  return jnp.sum(better, axis=-1, dtype=jnp.int32)
+
+
 def count_better(scores: jax.Array, gt_mask: jax.Array, video_valid: jax.Array | None = None) -> jax.Array:
   """Number of videos scored strictly above the query's best ground-truth video.
 
@@ -23,14 +55,12 @@ def count_better(scores: jax.Array, gt_mask: jax.Array, video_valid: jax.Array |
     video_valid: (B,) or None.
 
   Returns:
-    (Q,) int32 counts; combine with the best ground-truth score of the whole corpus (see
-    `best_gt_score`) when the corpus is chunked.
+    (Q,) int32 counts; when the corpus is chunked, count each chunk against the best
+    ground-truth score of the whole corpus (`best_gt_score`, maxed over chunks) with
+    `count_above` instead.
   """
-  best = jnp.max(jnp.where(gt_mask, scores, -jnp.inf), axis=1, keepdims=True)
-  better = scores > best
-  if video_valid is not None:
-    better = better & video_valid[None, :]
-  return jnp.sum(better, axis=1, dtype=jnp.int32)
+  best = best_gt_score(scores, gt_mask)[..., None]
+  return count_above(scores, best, None if video_valid is None else video_valid[None, :])
 
 
 def gt_ranks(scores: jax.Array, gt_mask: jax.Array, video_valid: jax.Array | None = None) -> jax.Array:

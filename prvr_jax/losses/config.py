@@ -27,6 +27,9 @@ class LossConfig:
     tcpl_distance_weight: weight of the RKD distance term [rkd_d_coef].
     tcpl_angle_weight: weight of the RKD angle term [rkd_a_coef].
     tcpl_block_size: anchors per block of the angle term (memory O(block * Q^2)).
+    tcpl_scope: with the batch split over n devices, 'global' distils over all Q queries of the
+      global batch (equal to one device; every device computes the O(Q^3) angle term), 'device'
+      over each device's Q/n queries (O((Q/n)^3) each, averaged over devices; a different loss).
     use_cbva: cross-branch video alignment on/off.
     cbva_weight: weight of CBVA [vl_coef].
     adaptive_cbva: choose the clip count per video from omega (else always `cbva_fixed_clips`).
@@ -42,6 +45,7 @@ class LossConfig:
   tcpl_distance_weight: float = 15.0
   tcpl_angle_weight: float = 30.0
   tcpl_block_size: int = 64
+  tcpl_scope: str = "global"
   use_cbva: bool = True
   cbva_weight: float = 0.1
   adaptive_cbva: bool = True
@@ -51,6 +55,8 @@ class LossConfig:
   def __post_init__(self):
     if self.cbva_fixed_clips not in (32,) + CBVA_LEVELS:
       raise ValueError(f"loss.cbva_fixed_clips must be one of 32, 20, 12, 8, 5; got {self.cbva_fixed_clips}")
+    if self.tcpl_scope not in ("global", "device"):
+      raise ValueError(f"loss.tcpl_scope must be 'global' or 'device'; got {self.tcpl_scope!r}")
     if self.hard_pool_size < 1:
       raise ValueError(f"loss.hard_pool_size must be >= 1; got {self.hard_pool_size}")
 

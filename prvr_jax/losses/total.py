@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +42,89 @@ def cbva_terms(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: Loss
               per_video_c2f=c2f)
 
 
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
+def retrieval_terms(scores: dict[str, jax.Array], labels: jax.Array, q_valid: jax.Array,
+                    v_valid: jax.Array, cfg: LossConfig, key: jax.Array,
+                    hard_negatives: jax.Array) -> dict[str, jax.Array]:
+  """NCE and triplet losses of both scales on the (Q, B) score matrices.
+
+  Args:
+    scores: the four (Q, B) matrices of `training_scores`.
+    labels: (Q,) int32 video of each query; q_valid (Q,) / v_valid (B,) bool masks.
+    cfg: loss configuration.
+    key: PRNG key of the random triplet negatives.
+    hard_negatives: traced bool.
+
+  Returns:
+    `clip_nce`, `frame_nce` (weighted), their `*_unweighted`, `clip_trip`, `frame_trip` scalars.
+  """
+  clip_key, frame_key = jax.random.split(key)
+  parts: dict[str, jax.Array] = {}
+  parts["clip_nce_unweighted"] = retrieval.nce_loss(scores["clip_scale_scores_"], labels, q_valid, v_valid)
+  parts["frame_nce_unweighted"] = retrieval.nce_loss(scores["frame_scale_scores_"], labels, q_valid, v_valid)
+  parts["clip_nce"] = cfg.clip_nce_weight * parts["clip_nce_unweighted"]
+  parts["frame_nce"] = cfg.frame_nce_weight * parts["frame_nce_unweighted"]
+  trip = dict(margin=cfg.margin, hard_negatives=hard_negatives, hard_pool_size=cfg.hard_pool_size)
+  parts["clip_trip"] = retrieval.triplet_loss(scores["clip_scale_scores"], labels, q_valid, v_valid,
+                                              key=clip_key, **trip)
+  parts["frame_trip"] = retrieval.triplet_loss(scores["frame_scale_scores"], labels, q_valid, v_valid,
+                                               key=frame_key, **trip)
+  return parts
+
+
+def tcpl_terms(video_query: jax.Array, teacher: jax.Array, q_valid: jax.Array,
+               cfg: LossConfig) -> dict[str, jax.Array]:
+  """TCPL on pooled queries (Q, D) against CLIP sentence features (Q, D_t): `tcpl` (weighted),
+  `tcpl_distance`, `tcpl_angle` scalars (zeros when TCPL is off)."""
+  if not cfg.use_tcpl:
+    zero = jnp.zeros((), jnp.float32)
+    return dict(tcpl_distance=zero, tcpl_angle=zero, tcpl=zero)
+  distance = tcpl.rkd_distance(video_query, teacher, q_valid)
+  angle = tcpl.rkd_angle(video_query, teacher, q_valid, cfg.tcpl_block_size)
+  return dict(tcpl_distance=distance, tcpl_angle=angle,
+              tcpl=cfg.tcpl_distance_weight * distance + cfg.tcpl_angle_weight * angle)
+
+
+def cbva_parts(out: dict[str, jax.Array], batch: dict[str, jax.Array], v_valid: jax.Array,
+               cfg: LossConfig, reduce_sum: Callable[[jax.Array], jax.Array] = _identity
+               ) -> dict[str, jax.Array]:
+  """CBVA averaged over valid videos: `cbva` (weighted), `cbva_unweighted`, `clip_count`.
+
+  `reduce_sum` turns sums over this batch's videos into sums over the global batch (identity on
+  one device, `psum` over the data axis when the batch is split): CBVA is per video, so each
+  device only merges and scores its own videos.
+  """
+  if not cfg.use_cbva:
+    zero = jnp.zeros((), jnp.float32)
+    return dict(cbva_unweighted=zero, cbva=zero, clip_count=zero)
+  terms = cbva_terms(out, batch, cfg)
+  num_valid = jnp.maximum(reduce_sum(jnp.sum(v_valid.astype(jnp.float32))), 1.0)
+  loss = reduce_sum(jnp.sum(jnp.where(v_valid, terms["per_video_loss"], 0.0))) / num_valid
+  count = terms["clip_count"].astype(jnp.float32)
+  mean_count = reduce_sum(jnp.sum(jnp.where(v_valid, count, 0.0))) / num_valid
+  return dict(cbva_unweighted=loss, cbva=cfg.cbva_weight * loss, clip_count=mean_count)
+
+
+def total_of(parts: dict[str, jax.Array]) -> jax.Array:
+  """The training objective from its weighted parts."""
+  return (parts["clip_nce"] + parts["clip_trip"] + parts["frame_nce"] + parts["frame_trip"]
+          + parts["tcpl"] + parts["cbva"])
+
+
+def batch_masks(batch: dict[str, jax.Array], num_videos: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(labels (Q,) int32, query_valid (Q,), video_valid (B,)); absent masks mean all valid."""
+  labels = batch["text_labels"].astype(jnp.int32)
+  q_valid = batch.get("query_valid", jnp.ones(labels.shape, bool))
+  v_valid = batch.get("video_valid", jnp.ones((num_videos,), bool))
+  return labels, q_valid, v_valid
+
+
 def msc_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: LossConfig,
              key: jax.Array, hard_negatives: jax.Array | bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and its parts.
+  """Total loss and its parts on one device.
 
   Args:
     out: `MSCNet` outputs (score matrices (Q, B), `video_query` (Q, D), CBVA projections).
@@ -62,40 +142,10 @@ def msc_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: LossCo
   """
   from prvr_jax.models.msc import last_token_features  # pylint: disable=import-outside-toplevel
 
-  labels = batch["text_labels"].astype(jnp.int32)
-  q_valid = batch.get("query_valid", jnp.ones(labels.shape, bool))
-  num_videos = out["clip_scale_scores"].shape[1]
-  v_valid = batch.get("video_valid", jnp.ones((num_videos,), bool))
+  labels, q_valid, v_valid = batch_masks(batch, out["clip_scale_scores"].shape[1])
   hard_negatives = jnp.asarray(hard_negatives, bool)
-  clip_key, frame_key = jax.random.split(key)
-  zero = jnp.zeros((), jnp.float32)
-
-  parts: dict[str, jax.Array] = {}
-  parts["clip_nce_unweighted"] = retrieval.nce_loss(out["clip_scale_scores_"], labels, q_valid, v_valid)
-  parts["frame_nce_unweighted"] = retrieval.nce_loss(out["frame_scale_scores_"], labels, q_valid, v_valid)
-  parts["clip_nce"] = cfg.clip_nce_weight * parts["clip_nce_unweighted"]
-  parts["frame_nce"] = cfg.frame_nce_weight * parts["frame_nce_unweighted"]
-  trip = dict(margin=cfg.margin, hard_negatives=hard_negatives, hard_pool_size=cfg.hard_pool_size)
-  parts["clip_trip"] = retrieval.triplet_loss(out["clip_scale_scores"], labels, q_valid, v_valid,
-                                              key=clip_key, **trip)
-  parts["frame_trip"] = retrieval.triplet_loss(out["frame_scale_scores"], labels, q_valid, v_valid,
-                                               key=frame_key, **trip)
-  if cfg.use_tcpl:
-    teacher = last_token_features(batch["text_feat"], batch["text_mask"])
-    parts["tcpl_distance"] = tcpl.rkd_distance(out["video_query"], teacher, q_valid)
-    parts["tcpl_angle"] = tcpl.rkd_angle(out["video_query"], teacher, q_valid, cfg.tcpl_block_size)
-    parts["tcpl"] = (cfg.tcpl_distance_weight * parts["tcpl_distance"]
-                     + cfg.tcpl_angle_weight * parts["tcpl_angle"])
-  else:
-    parts["tcpl_distance"] = parts["tcpl_angle"] = parts["tcpl"] = zero
-  if cfg.use_cbva:
-    terms = cbva_terms(out, batch, cfg)
-    parts["cbva_unweighted"] = cbva.cbva_loss(terms["per_video_loss"], v_valid)
-    parts["cbva"] = cfg.cbva_weight * parts["cbva_unweighted"]
-    count = terms["clip_count"].astype(jnp.float32)
-    parts["clip_count"] = jnp.sum(jnp.where(v_valid, count, 0.0)) / jnp.maximum(jnp.sum(v_valid), 1)
-  else:
-    parts["cbva_unweighted"] = parts["cbva"] = parts["clip_count"] = zero
-  total = (parts["clip_nce"] + parts["clip_trip"] + parts["frame_nce"] + parts["frame_trip"]
-           + parts["tcpl"] + parts["cbva"])
-  return total, parts
+  parts = retrieval_terms(out, labels, q_valid, v_valid, cfg, key, hard_negatives)
+  teacher = last_token_features(batch["text_feat"], batch["text_mask"])
+  parts.update(tcpl_terms(out["video_query"], teacher, q_valid, cfg))
+  parts.update(cbva_parts(out, batch, v_valid, cfg))
+  return total_of(parts), parts

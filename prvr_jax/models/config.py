@@ -33,6 +33,8 @@ class ModelConfig:
     dropout: attention-probability and hidden dropout [drop].
     initializer_range: std of the normal init of Linear / Embedding weights.
     gauss_widths: Gaussian prior widths of DyGMM branches 1..; branch 0 is plain attention.
+    use_op_tome: clip tokens by OP-ToMe (MSC); False gives the GMMFormer-v2 baseline's clips,
+      `num_frames / num_clips` consecutive frames averaged per clip (equal merge sizes).
   """
 
   hidden_size: int = 384
@@ -48,11 +50,15 @@ class ModelConfig:
   dropout: float = 0.2
   initializer_range: float = 0.02
   gauss_widths: tuple[float, ...] = GAUSS_WIDTHS
+  use_op_tome: bool = True
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads={self.num_heads}")
+    if not self.use_op_tome and self.num_frames % self.num_clips:
+      raise ValueError(f"model.use_op_tome=False needs model.num_frames={self.num_frames} to be a "
+                       f"multiple of model.num_clips={self.num_clips}")
 
   @classmethod
   def from_config_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":

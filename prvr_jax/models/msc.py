@@ -77,8 +77,8 @@ class MSCNet(nn.Module):
     """The CBVA head `vproj_clip`. (..., D) -> (..., D)."""
     return self.vproj_clip(tokens)
 
-  def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> dict[str, Any]:
-    """Forward pass on a training batch.
+  def encode_batch(self, batch: dict[str, jax.Array], deterministic: bool = True) -> dict[str, jax.Array]:
+    """Every per-item encoding of a training batch (no query x video interaction).
 
     Args:
       batch: `clip_video_features` (B, K, D_v), `merge_size` (B, K), `frame_video_features`
@@ -87,9 +87,9 @@ class MSCNet(nn.Module):
 
     Returns:
       dict with `video_query` (Q, D), `encoded_query` (Q, L, D), `clip_tokens` (B, K, D),
-      `frame_tokens` (B, F, D), the four (Q, B) score matrices `clip_scale_scores`,
-      `clip_scale_scores_` (unnormalised), `frame_scale_scores`, `frame_scale_scores_`, and the
-      CBVA projections `encoded_clip_feat` (B, K, D), `encoded_frame_feat` (B, F, D).
+      `frame_tokens` (B, F, D) and the CBVA projections `encoded_clip_feat` (B, K, D),
+      `encoded_frame_feat` (B, F, D). Items are independent, so a batch split over devices can
+      be encoded piecewise (the sharded step does) with the same result.
     """
     clip_tokens = self.encode_clips(batch["clip_video_features"], batch["merge_size"], deterministic)
     frame_tokens = self.encode_frames(batch["frame_video_features"], batch["videos_mask"],
@@ -101,10 +101,20 @@ class MSCNet(nn.Module):
         encoded_query=encoded_query,
         clip_tokens=clip_tokens,
         frame_tokens=frame_tokens,
-        **training_scores(video_query, clip_tokens, frame_tokens),
         encoded_clip_feat=self.project_for_alignment(clip_tokens),
         encoded_frame_feat=self.project_for_alignment(frame_tokens),
     )
+
+  def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> dict[str, Any]:
+    """Forward pass on a training batch: `encode_batch` plus the four (Q, B) score matrices.
+
+    Returns:
+      `encode_batch`'s dict plus `clip_scale_scores`, `clip_scale_scores_` (unnormalised),
+      `frame_scale_scores`, `frame_scale_scores_`.
+    """
+    out = self.encode_batch(batch, deterministic)
+    out.update(training_scores(out["video_query"], out["clip_tokens"], out["frame_tokens"]))
+    return out
 
 
 def last_token_features(text_feat: jax.Array, text_mask: jax.Array) -> jax.Array:

@@ -255,8 +255,11 @@ def _greedy_pairs(sim: jax.Array, num_pairs: int) -> tuple[jax.Array, jax.Array]
     return (used_a | hit_a, used_b | hit_b, jnp.where(hit_a, b[:, None], partner),
             jnp.where(hit_b, a[:, None], owner))
 
-  init = (jnp.zeros((bsz, p), bool), jnp.zeros((bsz, p), bool), jnp.full((bsz, p), -1, jnp.int32),
-          jnp.full((bsz, p), -1, jnp.int32))
+  # The carry is derived from `sim` (all False / -1) rather than built from constants so that it
+  # has `sim`'s varying-axes type inside shard_map (x > inf is False for every x, NaN included).
+  unused = sim[:, :, 0] > jnp.inf
+  unmatched = jnp.where(unused, 0, -1).astype(jnp.int32)
+  init = (unused, unused, unmatched, unmatched)
   _, _, partner, owner = lax.fori_loop(0, num_pairs, step, init)
   return partner, owner
 

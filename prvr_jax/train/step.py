@@ -46,22 +46,22 @@ def make_loss_fn(model_cfg: ModelConfig, loss_cfg: LossConfig) -> Callable[..., 
   return loss_fn
 
 
-def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig,
-                    optimizer: optax.GradientTransformation,
-                    learning_rate: optax.Schedule | None = None) -> Callable[..., tuple[TrainState, dict]]:
-  """Builds train_step(state, batch, base_key, hard_negatives) -> (state, metrics).
+def train_step_from_loss_fn(loss_fn: Callable[..., tuple[jax.Array, dict]], model_cfg: ModelConfig,
+                            optimizer: optax.GradientTransformation,
+                            learning_rate: optax.Schedule | None = None) -> Callable[..., tuple[TrainState, dict]]:
+  """train_step(state, batch, base_key, hard_negatives) -> (state, metrics) around `loss_fn`.
 
-  `batch`: `video_frames` (B, 128, D_v) un-normalised resampled frames, `text_feat` (Q, L, D_t),
-  `text_mask` (Q, L), `text_labels` (Q,), optional `query_valid` (Q,) / `video_valid` (B,).
-  The step's randomness is `fold_in(base_key, state.step)`, so it does not depend on how many
-  devices run it. Not jitted here: callers jit (with shardings) as they need.
+  `loss_fn(params, inputs, key, hard_negatives) -> (loss, parts)` takes the batch with the
+  prepared video inputs added. `batch`: `video_frames` (B, 128, D_v) un-normalised resampled
+  frames, `text_feat` (Q, L, D_t), `text_mask` (Q, L), `text_labels` (Q,), optional
+  `query_valid` (Q,) / `video_valid` (B,). The step's randomness is `fold_in(base_key,
+  state.step)`, so it does not depend on how many devices run it.
   """
-  loss_fn = make_loss_fn(model_cfg, loss_cfg)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], base_key: jax.Array,
                  hard_negatives: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     inputs = dict(batch)
-    inputs.update(prepare_video_inputs(batch["video_frames"]))
+    inputs.update(prepare_video_inputs(batch["video_frames"], use_op_tome=model_cfg.use_op_tome))
     key = jax.random.fold_in(base_key, state.step)
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, inputs, key, hard_negatives)
@@ -73,3 +73,10 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig,
+                    optimizer: optax.GradientTransformation,
+                    learning_rate: optax.Schedule | None = None) -> Callable[..., tuple[TrainState, dict]]:
+  """The single-device step (see `train_step_from_loss_fn`). Not jitted here: callers jit."""
+  return train_step_from_loss_fn(make_loss_fn(model_cfg, loss_cfg), model_cfg, optimizer, learning_rate)

@@ -1,0 +1,186 @@
+"""Search your own videos with a trained MSC model: build an index, then query it.
+
+  python -m prvr_jax.search index --workdir RUN --features videos.h5 --out INDEX \\
+      [--chunk 256] [--which best|latest] [--dtype float32|float16] [--fps F] [--overwrite]
+  python -m prvr_jax.search query --index INDEX --clip CLIP_DIR "a man holds a dog" \\
+      [--queries FILE] [--top-k 10] [--batch 64] [--text-kind projected|hidden] [--workdir RUN]
+  python -m prvr_jax.search query --index INDEX --text-features captions.h5 [CAPTION_ID ...]
+
+`index` encodes every video of a feature file (`python -m prvr_jax.extract videos`) with a trained
+run's model; an interrupted build resumes when run again. `query` restores the model the index
+was built with (the manifest names its workdir and step), encodes the queries (raw text through
+the CLIP text tower of --clip, or precomputed caption features of --text-features) and prints one
+JSON line per result:
+  {"query", "rank", "video_id", "score", "clip_score", "frame_score", "start", "end", "branch"}
+(start / end in seconds; see prvr_jax/search/query.py for the scores and the moment).
+
+Exit status: 0 done, 2 bad input (one message naming the file and the item, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m prvr_jax.search", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  i = sub.add_parser("index", help="encode the videos of a feature file into an index")
+  i.add_argument("--workdir", required=True, help="trained run (python -m prvr_jax.main --workdir)")
+  i.add_argument("--features", required=True, help="video features .h5 (prvr_jax.extract videos)")
+  i.add_argument("--out", required=True, help="index directory (an unfinished one is resumed)")
+  i.add_argument("--chunk", type=int, default=256, help="videos per encoding batch and chunk file")
+  i.add_argument("--which", choices=("best", "latest"), default="best",
+                 help="checkpoint: best val SumR (default) or latest")
+  i.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                 help="stored token precision (float16 halves the index)")
+  i.add_argument("--fps", type=float, default=None,
+                 help="feature frame rate, for videos without 'duration'/'fps' attributes")
+  i.add_argument("--overwrite", action="store_true",
+                 help="rebuild when --out holds an index built with other settings")
+  i.add_argument("--quiet", action="store_true", help="no progress bar")
+  q = sub.add_parser("query", help="search an index; prints JSON lines")
+  q.add_argument("text", nargs="*", help="queries (raw text with --clip, caption ids with "
+                                         "--text-features)")
+  q.add_argument("--index", required=True, help="index directory")
+  src = q.add_mutually_exclusive_group(required=True)
+  src.add_argument("--clip", help="CLIP checkpoint directory: queries are raw text")
+  src.add_argument("--text-features", help="caption features .h5 (prvr_jax.extract captions): "
+                                           "queries are caption ids (default: all of them)")
+  q.add_argument("--queries", help="file with one query per line (blank lines skipped)")
+  q.add_argument("--top-k", type=int, default=10, help="results per query")
+  q.add_argument("--batch", type=int, default=64, help="queries per device batch")
+  q.add_argument("--text-kind", choices=("projected", "hidden"), default="projected",
+                 help="--clip token features: as the training captions were extracted")
+  q.add_argument("--workdir", default=None,
+                 help="restore the model from here instead of the workdir the index names")
+  q.add_argument("--precision", choices=("highest", "default"), default="highest",
+                 help="CLIP float32 matmul precision")
+  return p
+
+
+def _read_queries(args: argparse.Namespace) -> list[str]:
+  from prvr_jax.search.errors import SearchError  # pylint: disable=import-outside-toplevel
+
+  queries = []
+  for k, text in enumerate(args.text):
+    if not text.strip():
+      raise SearchError(f"query {k + 1} on the command line is empty")
+    queries.append(text.strip())
+  if args.queries:
+    path = pathlib.Path(args.queries)
+    try:
+      lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise SearchError(f"{path}: cannot read the query file: {e}") from None
+    queries += [line.strip() for line in lines if line.strip()]
+    if not queries:
+      raise SearchError(f"{path}: no queries in the file")
+  return queries
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+  """Bad numbers are reported before the (slow) model restore."""
+  from prvr_jax.search.errors import SearchError  # pylint: disable=import-outside-toplevel
+
+  for name in names:
+    value = getattr(args, name)
+    if value is not None and not value > 0:
+      raise SearchError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def run_index(args: argparse.Namespace):
+  """`index`: returns the IndexSummary."""
+  # pylint: disable=import-outside-toplevel  # after parsing, so that --help is instant
+  from prvr_jax.search.index import build_index
+  from prvr_jax.search.model import load_search_model
+
+  _check_positive(args, "chunk", "fps")
+  model = load_search_model(args.workdir, args.which)
+  return build_index(model, args.features, args.out, chunk=args.chunk, dtype=args.dtype,
+                     fps=args.fps, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def run_query(args: argparse.Namespace):
+  """`query`: returns the hits (lists per query)."""
+  # pylint: disable=import-outside-toplevel
+  from prvr_jax.search import query as query_lib
+  from prvr_jax.search.errors import SearchError
+  from prvr_jax.search.features import read_caption_features
+  from prvr_jax.search.index_store import IndexReader
+  from prvr_jax.search.model import load_search_model
+
+  _check_positive(args, "top_k", "batch")
+  queries = _read_queries(args)
+  if not queries and args.clip:
+    raise SearchError("no query given: pass query texts or --queries FILE")
+  index = IndexReader(args.index)  # checked before the (slow) model restore
+  built = index.manifest["model"]
+  workdir = args.workdir or built.get("workdir")
+  if not workdir:
+    raise SearchError(f"{index.directory}: built from parameters in memory, not a workdir; pass "
+                      "--workdir")
+  # Query inputs are read before the (slow) model restore, so their errors come at once.
+  if args.clip:
+    from prvr_jax.search.text import encode_texts, load_text_tower
+
+    tower = load_text_tower(args.clip, args.text_kind, args.precision)
+  else:
+    items = read_caption_features(args.text_features, queries or None)
+    names = [cid for cid, _ in items]
+  step = built.get("step")  # -1: built from parameters in memory; the hash check still applies
+  step = step if isinstance(step, int) and step >= 0 else None
+  model = load_search_model(workdir, built.get("which") or "best", step=step)
+  query_lib.check_model(index, model)
+  if args.clip:
+    vectors, names = encode_texts(tower, model, queries, args.batch), queries
+  else:
+    vectors = query_lib.encode_token_features(model, [rows for _, rows in items], args.batch,
+                                              names, args.text_features)
+  return query_lib.search(index, model, vectors, names, top_k=args.top_k, batch=args.batch)
+
+
+def _print_hits(results) -> None:
+  for hits in results:
+    for h in hits:
+      line = h.to_json()
+      for key in ("score", "clip_score", "frame_score"):
+        line[key] = round(line[key], 6)
+      line["start"], line["end"] = round(line["start"], 3), round(line["end"], 3)
+      print(json.dumps(line, ensure_ascii=False))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Command line entry point; returns the exit status (see the module docstring)."""
+  args = _parser().parse_args(argv)
+  # Restoring a run logs orbax / TFDS notices through absl; the tool's own output is enough.
+  absl_logger = logging.getLogger("absl")
+  previous_level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  # pylint: disable=import-outside-toplevel
+  from prvr_jax.clip.config import ClipConfigError
+  from prvr_jax.clip.load import CheckpointError as ClipCheckpointError
+  from prvr_jax.clip.tokenizer import TokenizerError
+  from prvr_jax.data.formats import DataError
+  from prvr_jax.search.errors import SearchError
+  from prvr_jax.train.checkpoint import CheckpointError
+  # pylint: enable=import-outside-toplevel
+  # Errors that mean bad input; each message names the file (and the item).
+  expected = (SearchError, DataError, ClipCheckpointError, ClipConfigError, TokenizerError,
+              CheckpointError, ValueError, OSError)
+  try:
+    if args.command == "index":
+      print(run_index(args).text())
+    else:
+      _print_hits(run_query(args))
+  except expected as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  finally:
+    absl_logger.setLevel(previous_level)
+  return 0

@@ -1,0 +1,261 @@
+"""Scores queries against an index, streaming it chunk by chunk, keeping a running top-k.
+
+Scores are the evaluation's: for a query vector q (L2-normalised pooled MSCNet.encode_query) and a
+video, clip = max over its 32 clip tokens of q . token, frame = max over its 128 frame tokens
+(tokens are stored L2-normalised, so these are cosines), fused = clip_weight * clip +
+frame_weight * frame (the run's config.eval weights).
+
+Streaming: the index is read one chunk file at a time; each chunk (padded to C videos, padded ones
+masked to -inf) is scored against every query batch by one jitted kernel that merges the chunk's
+scores into the batch's running top-k (`lax.top_k` over the k kept + the C new candidates). Device
+memory is bounded by (Qb, C, K + F) scores whatever the corpus size, and host memory by one chunk.
+Ties keep the earlier video (top_k prefers lower positions and the kept candidates come first), so
+the order is: score descending, then index position (sorted video id) ascending.
+
+Moment: of the two branches, take the one whose weighted score (clip_weight * clip or
+frame_weight * frame) contributed more to the fused score ('frame' on an exact tie); the moment is
+the time span of that branch's best-matching token: a clip token's merged span, or a frame token's
+single resampled row widened to its span (see spans.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prvr_jax.data.pipeline import caption_token_features
+from prvr_jax.eval.evaluate import make_query_encoder
+from prvr_jax.search.errors import SearchError
+from prvr_jax.search.index_store import IndexReader
+from prvr_jax.search.model import SearchModel
+
+DEFAULT_TOP_K = 10
+DEFAULT_QUERY_BATCH = 64
+BRANCHES = ("clip", "frame")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """One result of one query (the JSON line the CLI prints)."""
+
+  query: str
+  rank: int
+  video_id: str
+  score: float
+  clip_score: float
+  frame_score: float
+  start: float
+  end: float
+  branch: str
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def check_model(index: IndexReader, model: SearchModel) -> None:
+  """Raises a SearchError when `model` is not the network that encoded the index's videos."""
+  built = index.manifest["model"]
+  if built.get("params_hash") != model.identity["params_hash"]:
+    raise SearchError(f"{index.directory}: built with {built.get('workdir') or '(in memory)'} step "
+                      f"{built.get('step')}, but the model given is {model.name} with other "
+                      "parameters; queries must be encoded by the model that encoded the videos")
+  if index.manifest["dim"] != model.model_cfg.hidden_size:
+    raise SearchError(f"{index.directory}: {index.manifest['dim']}-d tokens, the model's are "
+                      f"{model.model_cfg.hidden_size}-d")
+
+
+def pad_token_features(rows: Sequence[np.ndarray],
+                       model: SearchModel) -> tuple[np.ndarray, np.ndarray]:
+  """The loader's treatment of caption token rows, padded to one shape.
+
+  Args:
+    rows: Q arrays (L_i, D_t) of raw token features (as `prvr_jax.extract captions` writes them).
+    model: gives the row limit and truncation rule.
+
+  Returns:
+    text_feat (Q, L, D_t) float32 (each row x / (||x|| + 1e-5), truncated as the loader does,
+    zero padding) and text_mask (Q, L), L = model.max_query_tokens.
+  """
+  length = model.max_query_tokens
+  feat = np.zeros((len(rows), length, model.model_cfg.query_input_size), np.float32)
+  mask = np.zeros((len(rows), length), np.float32)
+  for i, r in enumerate(rows):
+    t = caption_token_features(r, length, model.truncate_keep_eos)
+    feat[i, :len(t)] = t
+    mask[i, :len(t)] = 1.0
+  return feat, mask
+
+
+def encode_token_features(model: SearchModel, rows: Sequence[np.ndarray], batch: int,
+                          names: Optional[Sequence[str]] = None, source: str = "") -> np.ndarray:
+  """L2-normalised query vectors from caption token features.
+
+  Args:
+    model: the network.
+    rows: Q arrays (L_i, D_t), e.g. from a caption feature file.
+    batch: queries per device call (fixed; the last batch is padded).
+    names: the queries' ids, for messages.
+    source: the file they came from, for messages.
+
+  Returns:
+    (Q, D) float32.
+
+  Raises:
+    SearchError: a query whose width is not the model's query_input_size.
+  """
+  want = model.model_cfg.query_input_size
+  for i, r in enumerate(rows):
+    if r.ndim != 2 or r.shape[1] != want:
+      name = names[i] if names else i
+      raise SearchError(f"{source or 'query features'}: caption {name!r} has shape {r.shape}, the "
+                        f"model {model.name} takes {want}-d token features (model.query_input_size)")
+  encode = make_query_encoder(model.model_cfg)
+  batch = max(1, min(batch, len(rows)))
+  out = []
+  for start in range(0, len(rows), batch):
+    part = list(rows[start:start + batch])
+    n = len(part)
+    feat, mask = pad_token_features(part, model)
+    if n < batch:  # one valid row keeps padded queries finite; they are dropped
+      feat = np.concatenate([feat, np.zeros((batch - n,) + feat.shape[1:], np.float32)])
+      mask = np.concatenate([mask, np.zeros((batch - n, mask.shape[1]), np.float32)])
+      mask[n:, 0] = 1.0
+    out.append(np.asarray(encode(model.params, feat, mask))[:n])
+  return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=None)
+def make_topk_kernel(k: int, clip_weight: float, frame_weight: float) -> Callable[..., dict]:
+  """A jitted fn(state, queries, chunk, first, num_valid) -> state merging one chunk's scores.
+
+  Args of the returned function:
+    state: dict of (Qb, k) arrays, the running top-k: `score`, `clip`, `frame` float32, `pos`
+      int32 (video position, -1 = none yet), `start`, `end` float32 seconds, `branch` int32
+      (0 clip, 1 frame). `initial_state` makes an empty one.
+    queries: (Qb, D) L2-normalised query vectors.
+    chunk: dict with `clip_tokens` (C, K, D), `frame_tokens` (C, F, D) (float32 or float16),
+      `clip_spans` (C, K, 2), `frame_spans` (C, F, 2) seconds.
+    first: int32 position of the chunk's first video.
+    num_valid: int32 videos of the chunk that are real (the rest is padding).
+
+  Returns:
+    The new state, sorted by score descending (ties: lower position first).
+  """
+
+  @jax.jit
+  def merge(state, queries, chunk, first, num_valid):
+    clip_tokens = chunk["clip_tokens"].astype(jnp.float32)
+    frame_tokens = chunk["frame_tokens"].astype(jnp.float32)
+    c = clip_tokens.shape[0]
+    clip_sim = jnp.einsum("qd,ckd->qck", queries, clip_tokens)
+    frame_sim = jnp.einsum("qd,cfd->qcf", queries, frame_tokens)
+    clip, clip_arg = jnp.max(clip_sim, axis=-1), jnp.argmax(clip_sim, axis=-1)
+    frame, frame_arg = jnp.max(frame_sim, axis=-1), jnp.argmax(frame_sim, axis=-1)
+    score = clip_weight * clip + frame_weight * frame
+    videos = jnp.arange(c)
+    valid = videos < num_valid
+    use_clip = clip_weight * clip > frame_weight * frame
+    clip_span = chunk["clip_spans"][videos[None, :], clip_arg]  # (Qb, C, 2)
+    frame_span = chunk["frame_spans"][videos[None, :], frame_arg]
+    span = jnp.where(use_clip[..., None], clip_span, frame_span).astype(jnp.float32)
+    new = dict(score=jnp.where(valid[None], score, -jnp.inf), clip=clip, frame=frame,
+               pos=jnp.broadcast_to(jnp.where(valid, first + videos, -1).astype(jnp.int32),
+                                    score.shape),
+               start=span[..., 0], end=span[..., 1],
+               branch=jnp.where(use_clip, 0, 1).astype(jnp.int32))
+    both = {key: jnp.concatenate([state[key], new[key]], axis=1) for key in state}
+    _, top = jax.lax.top_k(both["score"], k)
+    return {key: jnp.take_along_axis(value, top, axis=1) for key, value in both.items()}
+
+  return merge
+
+
+def initial_state(num_queries: int, k: int) -> dict[str, np.ndarray]:
+  """An empty running top-k: (Q, k) arrays with score -inf and position -1."""
+  f = lambda v: np.full((num_queries, k), v, np.float32)
+  return dict(score=f(-np.inf), clip=f(0.0), frame=f(0.0),
+              pos=np.full((num_queries, k), -1, np.int32), start=f(0.0), end=f(0.0),
+              branch=np.ones((num_queries, k), np.int32))
+
+
+def _pad_chunk(arrays: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  n = arrays["clip_tokens"].shape[0]
+  out = {}
+  for key in ("clip_tokens", "frame_tokens", "clip_spans", "frame_spans"):
+    x = arrays[key]
+    out[key] = x if n == size else np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
+  return out
+
+
+def search_vectors(index: IndexReader, queries: np.ndarray, names: Sequence[str], *,
+                   clip_weight: float, frame_weight: float, top_k: int = DEFAULT_TOP_K,
+                   batch: int = DEFAULT_QUERY_BATCH) -> list[list[Hit]]:
+  """Top-k videos and moments of each query vector over the whole index.
+
+  Args:
+    index: an opened index.
+    queries: (Q, D) L2-normalised query vectors (encoded by the index's model).
+    names: Q strings, the `query` field of the hits.
+    clip_weight, frame_weight: score fusion.
+    top_k: results per query (fewer when the index holds fewer videos).
+    batch: Qb, queries per kernel call (fixed; the last batch is padded).
+
+  Returns:
+    Q lists of Hits, rank 1 first.
+  """
+  if top_k <= 0:
+    raise SearchError(f"--top-k must be > 0, got {top_k}")
+  if batch <= 0:
+    raise SearchError(f"--batch must be > 0, got {batch}")
+  num = queries.shape[0]
+  batch = min(batch, num)
+  padded = np.zeros((-(-num // batch) * batch, queries.shape[1]), np.float32)
+  padded[:num] = queries
+  q_batches = [jnp.asarray(padded[s:s + batch]) for s in range(0, len(padded), batch)]
+  merge = make_topk_kernel(int(top_k), float(clip_weight), float(frame_weight))
+  states = [initial_state(batch, top_k) for _ in q_batches]
+  ids: list[str] = []
+  for first, arrays in index.chunks():
+    ids.extend(str(v) for v in arrays["video_ids"])
+    chunk = jax.device_put(_pad_chunk(arrays, index.chunk_size))
+    n = jnp.int32(arrays["clip_tokens"].shape[0])
+    # Dispatched without waiting: the next chunk is read from disk while the device scores this one.
+    states = [merge(s, q, chunk, jnp.int32(first), n) for s, q in zip(states, q_batches)]
+  host = {key: np.concatenate([np.asarray(s[key]) for s in states])[:num] for key in states[0]}
+  results = []
+  for qi in range(num):
+    hits = []
+    for j in range(top_k):
+      pos = int(host["pos"][qi, j])
+      if pos < 0:
+        break
+      hits.append(Hit(query=names[qi], rank=j + 1, video_id=ids[pos],
+                      score=float(host["score"][qi, j]), clip_score=float(host["clip"][qi, j]),
+                      frame_score=float(host["frame"][qi, j]), start=float(host["start"][qi, j]),
+                      end=float(host["end"][qi, j]), branch=BRANCHES[int(host["branch"][qi, j])]))
+    results.append(hits)
+  return results
+
+
+def search(index: IndexReader, model: SearchModel, queries: np.ndarray, names: Sequence[str], *,
+           top_k: int = DEFAULT_TOP_K, batch: int = DEFAULT_QUERY_BATCH) -> list[list[Hit]]:
+  """`search_vectors` with the model's fusion weights, after checking the model is the index's.
+
+  Args:
+    index: an opened index.
+    model: the network that built it.
+    queries: (Q, D) query vectors from `encode_token_features` or `text.encode_texts`.
+    names: Q strings.
+    top_k, batch: see `search_vectors`.
+
+  Returns:
+    Q lists of Hits.
+  """
+  check_model(index, model)
+  return search_vectors(index, queries, names, clip_weight=model.clip_weight,
+                        frame_weight=model.frame_weight, top_k=top_k, batch=batch)

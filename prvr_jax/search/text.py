@@ -1,0 +1,201 @@
+"""Raw text -> query features / query vectors through a frozen CLIP text tower.
+
+Two forms of the same computation:
+  * `text_token_features`: per text the (L, P) rows BOS ... EOS exactly as
+    `python -m prvr_jax.extract captions` writes them (final-LayerNorm token states through
+    text_projection, or the unprojected states with kind='hidden').
+  * `make_text_query_encoder` (the in-model option): one jitted function from token ids to the
+    L2-normalised MSC query vector: CLIP text tower -> projection -> the loader's per-row
+    normalisation x / (||x|| + 1e-5) and truncation -> MSCNet.encode_query. The CLIP outputs pass
+    through `stop_gradient`, so the tower stays frozen if this function is differentiated (e.g.
+    inside a training step). Its result equals encoding the features that `extract captions`
+    wrote for the same texts with the same checkpoint (tests/test_search.py checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prvr_jax.clip.model import ClipEncoders
+from prvr_jax.clip.tokenizer import ClipTokenizer
+from prvr_jax.models.msc import MSCNet
+from prvr_jax.ops.similarity import l2_normalize
+from prvr_jax.ops.video_inputs import data_l2_normalize
+from prvr_jax.search.errors import SearchError
+from prvr_jax.search.model import SearchModel
+
+TEXT_KINDS = ("projected", "hidden")
+DEFAULT_TEXT_BATCH = 64
+
+
+@dataclasses.dataclass
+class ClipTextTower:
+  """A loaded CLIP text tower and its tokenizer.
+
+  Attributes:
+    encoders: the jitted CLIP encoders.
+    params: CLIP parameters (the text tower and its projection).
+    tokenizer: the offline CLIP tokenizer (max_length <= the tower's positions).
+    kind: 'projected' (rows through text_projection, width P) or 'hidden' (width D).
+    source: the checkpoint directory, for messages.
+  """
+
+  encoders: ClipEncoders
+  params: Any
+  tokenizer: ClipTokenizer
+  kind: str
+  source: str
+
+  @property
+  def dim(self) -> int:
+    """Width of the token features this tower gives."""
+    cfg = self.encoders.config
+    return cfg.projection_dim if self.kind == "projected" else cfg.text.hidden_size
+
+
+def load_text_tower(clip_dir: str | os.PathLike, kind: str = "projected",
+                    precision: str = "highest") -> ClipTextTower:
+  """Loads the text tower of a local CLIP checkpoint.
+
+  Args:
+    clip_dir: a Hugging Face CLIPModel directory (config.json + safetensors).
+    kind: 'projected' or 'hidden'; must be what the training captions were extracted with.
+    precision: 'highest' or 'default' float32 matmuls.
+
+  Returns:
+    The tower.
+
+  Raises:
+    SearchError: bad kind or a vocabulary smaller than CLIP's; CheckpointError / ClipConfigError
+      from the loader (naming the file and tensor).
+  """
+  from prvr_jax.clip.load import load_clip  # pylint: disable=import-outside-toplevel
+
+  if kind not in TEXT_KINDS:
+    raise SearchError(f"--text-kind must be one of {TEXT_KINDS}, got {kind!r}")
+  config, params = load_clip(clip_dir, towers=("text",))
+  tokenizer = ClipTokenizer(max_length=min(77, config.text.max_positions))
+  if config.text.vocab_size < tokenizer.vocab_size:
+    raise SearchError(f"{clip_dir}: text vocab_size {config.text.vocab_size} is smaller than the "
+                      f"CLIP tokenizer's {tokenizer.vocab_size}: not a CLIP text tower")
+  return ClipTextTower(ClipEncoders(config, precision), params, tokenizer, kind, str(clip_dir))
+
+
+def _token_states(tower: ClipTextTower, clip_params: Any, input_ids: jax.Array,
+                  attention_mask: jax.Array) -> jax.Array:
+  """(N, L) ids -> (N, L, P or D) token rows (projected or hidden), frozen."""
+  states, _, _ = tower.encoders.encode_text(clip_params, input_ids, attention_mask)
+  if tower.kind == "projected":
+    states = tower.encoders.project_text_tokens(clip_params, states)
+  return jax.lax.stop_gradient(states)
+
+
+def text_token_features(tower: ClipTextTower, texts: Sequence[str],
+                        batch: int = DEFAULT_TEXT_BATCH) -> list[np.ndarray]:
+  """Token features of raw texts, as `python -m prvr_jax.extract captions` writes them.
+
+  Args:
+    tower: the CLIP text tower.
+    texts: N strings.
+    batch: texts per device call (fixed; the last batch is padded with empty texts).
+
+  Returns:
+    N arrays (L_i, P) float32, rows BOS ... EOS (L_i <= 77, longer texts truncated keeping EOS).
+  """
+  out = []
+  for start in range(0, len(texts), batch):
+    part = list(texts[start:start + batch])
+    tok = tower.tokenizer(part + [""] * (batch - len(part)))
+    states = np.asarray(_token_states(tower, tower.params, tok.input_ids, tok.attention_mask))
+    out.extend(states[i, :int(tok.attention_mask[i].sum())] for i in range(len(part)))
+  return out
+
+
+def query_token_features(states: jax.Array, attention_mask: jax.Array, max_tokens: int,
+                         keep_eos: bool) -> tuple[jax.Array, jax.Array]:
+  """The loader's caption treatment on device: row normalisation, truncation, zero padding.
+
+  Args:
+    states: (N, L0, D_t) token rows, valid on BOS .. EOS.
+    attention_mask: (N, L0) 1 on BOS .. EOS.
+    max_tokens: rows kept (static).
+    keep_eos: a caption longer than max_tokens keeps its first max_tokens - 1 rows and its EOS
+      row (else its first max_tokens rows), as `pipeline.caption_token_features`.
+
+  Returns:
+    text_feat (N, L, D_t) and text_mask (N, L) float32, L = min(max_tokens, L0).
+  """
+  length = min(max_tokens, states.shape[1])
+  n = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)[:, None]
+  j = jnp.arange(length, dtype=jnp.int32)[None, :]
+  if keep_eos:  # a long caption's last kept row is its EOS row
+    src = jnp.where((n > length) & (j == length - 1), n - 1, j)
+  else:
+    src = jnp.broadcast_to(j, (states.shape[0], length))
+  feat = jnp.take_along_axis(data_l2_normalize(states), src[..., None], axis=1)
+  mask = (j < jnp.minimum(n, length)).astype(jnp.float32)
+  return feat * mask[..., None], mask
+
+
+def make_text_query_encoder(tower: ClipTextTower, model: SearchModel) -> Callable[..., jax.Array]:
+  """The in-model raw-text query encoder: one jitted CLIP text tower + MSC query encoder.
+
+  Args:
+    tower: the frozen CLIP text tower (kind and width must match the model's query input).
+    model: the MSC network.
+
+  Returns:
+    jitted fn(clip_params, msc_params, input_ids (N, L0), attention_mask (N, L0)) -> (N, D)
+    L2-normalised query vectors.
+
+  Raises:
+    SearchError: the tower's token width is not the model's query_input_size.
+  """
+  want = model.model_cfg.query_input_size
+  if tower.dim != want:
+    raise SearchError(f"{tower.source}: the CLIP text tower gives {tower.dim}-d {tower.kind} token "
+                      f"features, the model {model.name} takes {want}-d (model.query_input_size); "
+                      "use the CLIP checkpoint (and --text-kind) the training captions were "
+                      "extracted with")
+  net = MSCNet(model.model_cfg)
+
+  @jax.jit
+  def encode(clip_params, msc_params, input_ids, attention_mask):
+    states = _token_states(tower, clip_params, input_ids, attention_mask)
+    feat, mask = query_token_features(states, attention_mask, model.max_query_tokens,
+                                      model.truncate_keep_eos)
+    pooled, _ = net.apply({"params": msc_params}, feat, mask, method=MSCNet.encode_query)
+    return l2_normalize(pooled)
+
+  return encode
+
+
+def encode_texts(tower: ClipTextTower, model: SearchModel, texts: Sequence[str],
+                 batch: int = DEFAULT_TEXT_BATCH) -> np.ndarray:
+  """Query vectors of raw texts (tokenised offline, then `make_text_query_encoder`).
+
+  Args:
+    tower: the CLIP text tower.
+    model: the MSC network.
+    texts: Q strings.
+    batch: texts per device call (fixed; the last batch is padded with empty texts).
+
+  Returns:
+    (Q, D) float32 L2-normalised.
+  """
+  encode = make_text_query_encoder(tower, model)
+  clip_params = jax.device_put(tower.params, jax.local_devices()[0])  # once, not per batch
+  batch = max(1, min(batch, len(texts)))
+  out = []
+  for start in range(0, len(texts), batch):
+    part = list(texts[start:start + batch])
+    tok = tower.tokenizer(part + [""] * (batch - len(part)))
+    vectors = encode(clip_params, model.params, tok.input_ids, tok.attention_mask)
+    out.append(np.asarray(vectors)[:len(part)])
+  return np.concatenate(out)
