@@ -463,16 +463,20 @@ def test_launch_scripts_are_executable_bash_with_strict_mode():
 
 
 @pytest.mark.slow
-def test_local_multiprocess_trains_the_synthetic_benchmark(tmp_path):
-  small = ["--config.data.synthetic.num_train_videos=64", "--config.data.synthetic.num_val_videos=10",
-           "--config.data.synthetic.num_test_videos=10"]
-  workdir = tmp_path / "run"
-  env = _env(JAX_PLATFORMS="cpu")
-  prepare = _run(sys.executable, "-m", "prvr_jax.main", "--config=configs/synthetic.py", f"--workdir={workdir}",
-                 "--mode=prepare", *small, env=env, timeout=300)
-  assert prepare.returncode == 0, prepare.stderr[-3000:]
-  result = _run(LOCAL, "2", "--config=configs/synthetic.py", f"--workdir={workdir}", "--mode=train",
-                "--config.train.max_steps=2", *small, env=env, timeout=900)
-  assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+def test_two_processes_give_the_first_losses_of_one_process(tmp_path):
+  """jax.distributed on CPU: 2 processes x 1 device, each loading half of every global batch,
+  train exactly like 1 process on the whole batch."""
+  from tests.train_helpers import run_main, train_lines  # pylint: disable=import-outside-toplevel
+
+  single = run_main(tmp_path / "one", "--config.train.max_steps=3", devices=1)
+  assert single.returncode == 0, single.stderr[-3000:]
+  pair = run_main(tmp_path / "two", "--config.train.max_steps=3", devices=1,
+                  env={"JAX_PLATFORMS": "cpu"}, launcher=[str(LOCAL), "2"], timeout=900)
+  assert pair.returncode == 0, (pair.stdout[-3000:], pair.stderr[-3000:])
   for i in range(2):
-    assert (workdir / "launch_logs" / f"proc_{i}.log").stat().st_size > 0
+    assert (tmp_path / "two" / "launch_logs" / f"proc_{i}.log").stat().st_size > 0
+  one, two = train_lines(tmp_path / "one"), train_lines(tmp_path / "two")
+  assert [r["step"] for r in two] == [1, 2, 3]
+  for a, b in zip(one, two):
+    for key in ("loss", "clip_nce", "tcpl", "cbva", "grad_norm"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
