@@ -207,8 +207,37 @@ def bench_loader(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any
     yield from bench_data(repeats=repeats, batch_size=b)
 
 
+def bench_memory(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+  """Per-device memory of the sharded MSC step over all devices (XLA's analysis of the compiled
+  program; nothing runs), one case per global batch size. `repeats` is unused."""
+  del repeats
+  from prvr_jax.models.msc import init_params  # pylint: disable=import-outside-toplevel
+  from prvr_jax.train.optim import bert_adam, warmup_linear_schedule  # pylint: disable=import-outside-toplevel
+  from prvr_jax.train.step import create_train_state  # pylint: disable=import-outside-toplevel
+  from prvr_jax.parallel import batch_sharding, make_data_mesh  # pylint: disable=import-outside-toplevel
+  from prvr_jax.train.sharded_step import make_sharded_train_step  # pylint: disable=import-outside-toplevel
+
+  mesh = make_data_mesh()
+  schedule = warmup_linear_schedule(3e-4, 1000, 0.01)
+  opt = bert_adam(schedule)
+  step = make_sharded_train_step(TVR_MODEL, LossConfig(), opt, mesh, schedule)
+  state = jax.eval_shape(lambda k: create_train_state(init_params(TVR_MODEL, k), opt), jax.random.key(0))
+  for b in batches:
+    shapes = jax.eval_shape(lambda k, b=b: synthetic_batch(b, k, TVR_MODEL, CAPTIONS_PER_VIDEO, CAPTION_TOKENS),
+                            jax.random.key(1))
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh)),
+                          shapes)
+    start = time.perf_counter()
+    memory = step.lower(state, shapes, jax.random.key(2), jnp.asarray(False)).compile().memory_analysis()
+    yield dict(bench="memory", case=f"msc_step_B{b}_devices{mesh.devices.size}", items=b,
+               devices=int(mesh.devices.size), temp_mb=memory.temp_size_in_bytes / 2**20,
+               argument_mb=memory.argument_size_in_bytes / 2**20,
+               output_mb=memory.output_size_in_bytes / 2**20,
+               compile_s=time.perf_counter() - start)
+
+
 BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": bench_block,
-           "data": bench_loader}
+           "data": bench_loader, "memory": bench_memory}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

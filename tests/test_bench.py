@@ -25,3 +25,15 @@ def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
       bench.main(argv)
     assert e.value.code == 2
+
+
+def test_memory_bench_reports_per_device_sizes(capsys, monkeypatch):
+  from prvr_jax.models.config import ModelConfig
+  tiny = ModelConfig(hidden_size=32, num_heads=4, visual_input_size=24, query_input_size=16,
+                     max_desc_len=12, gauss_widths=(0.5,))
+  monkeypatch.setattr(bench, "TVR_MODEL", tiny)
+  monkeypatch.setattr(bench, "CAPTION_TOKENS", 8)
+  assert bench.main(["memory", "--batch", "2"]) == 0
+  (rec,) = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert rec["case"] == "msc_step_B2_devices1" and rec["devices"] == 1
+  assert rec["temp_mb"] > 0 and rec["argument_mb"] > 0
