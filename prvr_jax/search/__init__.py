@@ -13,5 +13,5 @@ Modules (one job each):
   text.py         raw text -> query vectors through a frozen CLIP text tower (in the same jit).
   cli.py          the command line (`python -m prvr_jax.search`).
 
-See docs/search.md for the walk-through from raw videos to results.
+See the README section "Search your own videos" for the walk-through from raw videos to results.
 """
