@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -70,6 +71,8 @@ def table(results: dict[str, list[dict[str, float]]], split: str) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   from prvr_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   from prvr_jax.utils.files import atomic_write_text  # pylint: disable=import-outside-toplevel
 

@@ -113,3 +113,23 @@ def test_batch_not_dividing_the_devices_is_a_clear_error(tmp_path):
   assert result.returncode == 2
   assert "data.batch_size=12 does not divide by the 8 devices" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_a_trained_run_restores_without_its_dataset(full_run, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from prvr_jax.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  from prvr_jax.train.loop import load_trained  # pylint: disable=import-outside-toplevel
+
+  moved = tmp_path / "moved"
+  moved.mkdir()
+  shutil.copy(full_run / "config.json", moved / "config.json")
+  shutil.copytree(full_run / "checkpoints", moved / "checkpoints")
+  setup, params, step = load_trained(str(moved))
+  assert step in (4, 8) and setup.model_cfg.visual_input_size == 64  # an evaluated checkpoint
+  assert sum(x.size for x in jax.tree.leaves(params)) > 0
+  assert not (moved / "tfds").exists()  # nothing was prepared
+  with pytest.raises(CheckpointError, match="step 3 is not there"):
+    load_trained(str(moved), step=3)

@@ -98,22 +98,17 @@ def from_params(model_cfg: ModelConfig, params: Any, *, clip_weight: float = 0.4
 
 
 def _restore_step(workdir: str, step: int) -> tuple[Any, Any]:
-  """(setup, params) of one given checkpoint step of a run."""
+  """(setup, params) of one given checkpoint step of a run (no dataset needed)."""
   # pylint: disable=import-outside-toplevel  # training machinery only when a run is restored
   from prvr_jax.train import checkpoint, loop
 
-  setup = loop.setup_run(checkpoint.read_config(workdir), workdir)
-  optimizer, _ = loop.make_optimizer_from_config(setup.config, max(setup.total_steps, 1))
-  manager = checkpoint.make_manager(workdir, read_only=True)
   try:
-    if step not in manager.all_steps():
-      kept = ", ".join(map(str, sorted(manager.all_steps()))) or "none"
-      raise SearchError(f"{checkpoint.checkpoint_dir(workdir)}: checkpoint step {step} is not there "
-                        f"any more (kept steps: {kept}); rebuild the index with this run")
-    _, state, _, _ = checkpoint.restore(manager, loop.abstract_state(setup, optimizer), step)
-  finally:
-    manager.close()
-  return setup, state.params
+    setup, params, _ = loop.load_trained(workdir, step=step)
+  except checkpoint.CheckpointError as e:
+    if "is not there" in str(e):
+      raise SearchError(f"{e}; rebuild the index with this run") from None
+    raise
+  return setup, params
 
 
 def load_search_model(workdir: str | os.PathLike, which: str = "best",

@@ -132,16 +132,46 @@ def abstract_state(setup: RunSetup, optimizer: optax.GradientTransformation) -> 
   return checkpoint.abstract_with_sharding(shapes, parallel.replicated(setup.mesh))
 
 
-def load_trained(workdir: str, which: str = "best") -> tuple[RunSetup, Any, int]:
-  """(setup, params, step) of a trained run: its best checkpoint by val SumR ('best', falling
-  back to the latest when no evaluation was saved) or the latest ('latest')."""
+def resolved_setup(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
+  """The setup of a trained run from its resolved `config.json`, without touching the dataset
+  (searching or converting a run works on a machine that does not hold its data).
+  `steps_per_epoch` / `total_steps` are unknown there (0): restoring does not need them."""
+  mesh = parallel.make_data_mesh()
+  model_cfg = ModelConfig.from_config_dict(config.model)
+  if not (model_cfg.visual_input_size and model_cfg.query_input_size):
+    raise checkpoint.CheckpointError(f"{os.path.join(workdir, checkpoint.CONFIG_FILE)}: model input "
+                                     "sizes are not resolved (0); is this a training workdir?")
+  return RunSetup(config, "", model_cfg, LossConfig.from_config_dict(config.loss), mesh, 0, 0)
+
+
+def load_trained(workdir: str, which: str = "best", *, with_data: bool = False,
+                 step: Optional[int] = None) -> tuple[RunSetup, Any, int]:
+  """(setup, params, step) of a trained run.
+
+  Args:
+    workdir: the training workdir.
+    which: 'best' (by val SumR, falling back to the latest when no evaluation was saved) or
+      'latest'; ignored when `step` is given.
+    with_data: also open (and, when missing, prepare) the run's dataset, as evaluation needs.
+    step: restore exactly this step.
+
+  Raises:
+    checkpoint.CheckpointError: no run, no such checkpoint, or a corrupt one.
+  """
   config = checkpoint.read_config(workdir)
-  setup = setup_run(config, workdir)
+  setup = setup_run(config, workdir) if with_data else resolved_setup(config, workdir)
   optimizer, _ = make_optimizer_from_config(config, max(setup.total_steps, 1))
   manager = checkpoint.make_manager(workdir, read_only=True)
-  step = checkpoint.best_step(manager) if which == "best" else None
-  step, state, _, _ = checkpoint.restore(manager, abstract_state(setup, optimizer), step)
-  manager.close()
+  try:
+    if step is None and which == "best":
+      step = checkpoint.best_step(manager)
+    elif step is not None and step not in manager.all_steps():
+      kept = ", ".join(map(str, sorted(manager.all_steps()))) or "none"
+      raise checkpoint.CheckpointError(f"{checkpoint.checkpoint_dir(workdir)}: checkpoint step {step} "
+                                       f"is not there (kept steps: {kept})")
+    step, state, _, _ = checkpoint.restore(manager, abstract_state(setup, optimizer), step)
+  finally:
+    manager.close()
   return setup, state.params, step
 
 
@@ -381,7 +411,7 @@ def write_plots(setup: RunSetup, params: Any, workdir: str, reports: dict[str, A
 
 def evaluate_run(workdir: str, *, which: str = "best", progress: bool = True) -> dict[str, Any]:
   """`--mode=eval`: the run's best (or latest) checkpoint on `config.eval.final_splits`."""
-  setup, params, step = load_trained(workdir, which)
+  setup, params, step = load_trained(workdir, which, with_data=True)
   logging.info("evaluating step %d of %s", step, workdir)
   reports = final_evaluation(setup, params, workdir, None, step, progress)
   if _is_chief():
