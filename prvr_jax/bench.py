@@ -17,7 +17,6 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -28,7 +27,6 @@ from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prvr_jax.losses.config import LossConfig
 from prvr_jax.models.config import ModelConfig

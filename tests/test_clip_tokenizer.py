@@ -13,7 +13,6 @@ import gzip
 import numpy as np
 import pytest
 
-from prvr_jax.clip import text_clean
 from prvr_jax.clip.tokenizer import ClipTokenizer, TokenizerError, read_bpe
 
 # (text, original ids).

@@ -204,7 +204,6 @@ def test_mismatched_checkpoint_is_one_clear_error(checkpoint, videos, tmp_path, 
           "(16, 3, 8, 8), config.json implies (16, 3, 16, 16)") in err
 
 
-@pytest.mark.filterwarnings("ignore:ftfy is not installed")
 def test_extract_captions(checkpoint, tmp_path, capsys):
   captions = tmp_path / "tvrtrain.caption.txt"
   long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)

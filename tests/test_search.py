@@ -343,13 +343,11 @@ def tower(checkpoint):
   return text_lib.load_text_tower(checkpoint)
 
 
-@pytest.mark.filterwarnings("ignore:ftfy is not installed")
 def test_text_token_features_equal_extracted_ones(tower, extracted_captions):
   for got, want in zip(text_lib.text_token_features(tower, TEXTS, batch=2), extracted_captions):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore:ftfy is not installed")
 @pytest.mark.parametrize("max_tokens,keep_eos", [(0, False), (5, True), (5, False)])
 def test_raw_text_queries_equal_extracted_caption_features(model, tower, extracted_captions,
                                                            max_tokens, keep_eos):
@@ -387,7 +385,6 @@ def _train_tiny_run(workdir: pathlib.Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:ftfy is not installed")
 def test_end_to_end_from_raw_videos(checkpoint, tmp_path, capsys):
   videos = tmp_path / "videos"
   videos.mkdir()

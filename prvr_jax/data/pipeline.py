@@ -25,7 +25,7 @@ import math
 import os
 import pathlib
 import threading
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -40,6 +40,7 @@ CLIP_MAX_TOKENS = 77  # CLIP's context length; the reference truncates captions 
 # Epochs of an "unbounded" training pipeline (MapDataset needs a length).
 _UNBOUNDED_EPOCHS = 1_000_000
 _METADATA_KEY = "prvr"
+METADATA_FILE = "metadata.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +79,12 @@ class SplitInfo:
     return int(self.caption_offsets[-1])
 
 
+def is_prepared(dataset_dir: str | os.PathLike) -> bool:
+  """True when a built PRVR dataset is at `dataset_dir` (TFDS moves a finished build into place
+  with its metadata.json, so a build that stopped half-way has none)."""
+  return (pathlib.Path(dataset_dir) / METADATA_FILE).is_file()
+
+
 def open_split(dataset_dir: str | os.PathLike, split: str) -> SplitInfo:
   """Reads the metadata of one split of a dataset written by a PRVR builder.
 
@@ -86,8 +93,8 @@ def open_split(dataset_dir: str | os.PathLike, split: str) -> SplitInfo:
     KeyError: the split does not exist.
   """
   dataset_dir = pathlib.Path(dataset_dir)
-  meta_file = dataset_dir / "metadata.json"
-  if not meta_file.is_file():
+  meta_file = dataset_dir / METADATA_FILE
+  if not is_prepared(dataset_dir):
     raise FileNotFoundError(f"no prepared PRVR dataset at {dataset_dir} (missing metadata.json); "
                             "run `python -m prvr_jax.main --mode=prepare` first")
   meta = json.loads(meta_file.read_text())[_METADATA_KEY]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from prvr_jax.data import builders, formats
 from prvr_jax.data.builders.records import SplitStats
-from prvr_jax.data.pipeline import resolve_data_dir
+from prvr_jax.data.pipeline import METADATA_FILE, is_prepared, resolve_data_dir
 from prvr_jax.utils.files import atomic_write_text
 
 SUMMARY_FILE = "prepare_summary.json"
@@ -28,7 +28,7 @@ _SHOWN_SKIPS = 20
 
 
 def _summary_from_metadata(dataset_dir: str) -> dict[str, Any]:
-  meta = json.loads((pathlib.Path(dataset_dir) / "metadata.json").read_text())[builders.METADATA_KEY]
+  meta = json.loads((pathlib.Path(dataset_dir) / METADATA_FILE).read_text())[builders.METADATA_KEY]
   splits = {name: SplitStats(**stats).summary() for name, stats in meta["splits"].items()}
   return dict(benchmark=meta.get("benchmark"), visual_feature=meta.get("visual_feature"),
               dataset_dir=dataset_dir, video_dim=meta.get("video_dim"), text_dim=meta.get("text_dim"),
@@ -82,8 +82,8 @@ def prepare(config: Any, workdir: str | os.PathLike, *, progress: bool = True,
   builder = builders.make_builder(data, resolve_data_dir(config, workdir), progress=progress)
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if data.get("overwrite", False)
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  reused = mode == tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS and (
-      pathlib.Path(builder.data_dir) / "metadata.json").is_file()
+  reused = (mode == tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+            and is_prepared(builder.data_dir))
   # TFDS' own bars (generation, shuffling) would duplicate ours.
   tfds.display_progress_bar(False)
   try:

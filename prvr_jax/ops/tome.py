@@ -279,7 +279,6 @@ def _greedy_round(x: jax.Array, raw: jax.Array, sizes: jax.Array, labels: jax.Ar
     (x (B, target, D), raw (B, target, Dv), sizes (B, target), labels (B, F)).
   """
   bsz, n, d = x.shape
-  p = n // 2
   norm = jnp.sqrt(jnp.sum(raw * raw, axis=-1, keepdims=True))
   metric = raw / jnp.maximum(norm, _METRIC_EPS)
   # HIGHEST: the greedy order depends on these values; TF32/bf16 matmuls would move near-ties.

@@ -10,7 +10,6 @@ the shardings of the current mesh, so a run resumes on any device count.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, Optional
 
@@ -114,7 +113,3 @@ def read_config(workdir: str | os.PathLike) -> Any:
     return ml_collections.ConfigDict(json.loads(open(path).read()))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-
-
-def log_restored(step: int, workdir: str | os.PathLike) -> None:
-  logging.info("restored step %d from %s", step, checkpoint_dir(workdir))

@@ -72,7 +72,7 @@ def resolve_model_config(config: ml_collections.ConfigDict, info: pipeline.Split
 def ensure_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The prepared dataset of `config.data` (process 0 builds it when missing; others wait)."""
   dataset_dir = pipeline.dataset_dir_from_config(config, workdir)
-  if not os.path.isfile(os.path.join(dataset_dir, "metadata.json")) and _is_chief():
+  if not pipeline.is_prepared(dataset_dir) and _is_chief():
     from prvr_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
 
     logging.info("dataset not found at %s: preparing it", dataset_dir)
@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if manager.latest_step() is not None:
     step, state, data_state, loop = checkpoint.restore(manager, abstract_state(setup, optimizer))
     iterator.set_state(data_state)
-    checkpoint.log_restored(step, workdir)
+    logging.info("restored step %d from %s", step, checkpoint.checkpoint_dir(workdir))
   else:
     step, state = 0, initial_state(setup, optimizer)
   end = setup.total_steps
@@ -357,15 +357,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     params = state.params
   manager.close()
-  summary["eval"] = final_evaluation(setup, params, workdir, log, step, progress)
+  summary["eval"] = final_evaluation(setup, params, workdir, progress)
   log.close()
   if _is_chief():
     write_plots(setup, params, workdir, summary["eval"], progress)
   return summary
 
 
-def final_evaluation(setup: RunSetup, params: Any, workdir: str, log: Optional[MetricsLog],
-                     step: int, progress: bool) -> dict[str, Any]:
+def final_evaluation(setup: RunSetup, params: Any, workdir: str, progress: bool) -> dict[str, Any]:
   """Evaluates `params` on `config.eval.final_splits` and writes `eval_<split>.json`."""
   from prvr_jax.eval.evaluate import write_eval_report  # pylint: disable=import-outside-toplevel
 
@@ -413,7 +412,7 @@ def evaluate_run(workdir: str, *, which: str = "best", progress: bool = True) ->
   """`--mode=eval`: the run's best (or latest) checkpoint on `config.eval.final_splits`."""
   setup, params, step = load_trained(workdir, which, with_data=True)
   logging.info("evaluating step %d of %s", step, workdir)
-  reports = final_evaluation(setup, params, workdir, None, step, progress)
+  reports = final_evaluation(setup, params, workdir, progress)
   if _is_chief():
     write_plots(setup, params, workdir, reports, progress)
   return dict(step=step, eval=reports)

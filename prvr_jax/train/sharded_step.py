@@ -20,7 +20,7 @@ Per step:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +124,3 @@ def make_sharded_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig,
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep),
                  donate_argnums=(0,))
-
-
-def state_sharding(mesh: Mesh, state: Any) -> Any:
-  """Replicated shardings for every leaf of a TrainState (or its abstract shape)."""
-  return jax.tree.map(lambda _: replicated(mesh), state)
