@@ -55,6 +55,25 @@ def train_section(num_epochs: int = 100) -> ml_collections.ConfigDict:
       log_every=50, checkpoint_every=0, keep_checkpoints=2))
 
 
+def text_tower_section() -> ml_collections.ConfigDict:
+  """`config.text_tower`: where the query encoder's caption token features come from.
+
+  Keys:
+    clip_dir: '' = the caption token features of the dataset's text feature file (the authors'
+      setup). A local Hugging Face CLIP checkpoint directory (config.json + model.safetensors) =
+      the model runs that checkpoint's text tower itself on the caption text (tokenised in the
+      loader with the vendored CLIP BPE), initialised from the checkpoint; the run keeps the
+      tower's shape in <workdir>/caption_tower.json, so resuming, evaluating and searching do
+      not need the directory again.
+    features: the tower rows fed to the query encoder: 'projected' (final-LayerNorm states through
+      text_projection, what `python -m prvr_jax.extract captions` writes by default) or 'hidden'.
+    trainable_blocks: 0 = frozen tower (the same inputs as features extracted with it); N > 0 =
+      its last N blocks, final LayerNorm and projection are trained. TCPL's teacher always is the
+      frozen checkpoint's EOS embedding.
+  """
+  return ml_collections.ConfigDict(dict(clip_dir="", features="projected", trainable_blocks=0))
+
+
 def eval_section() -> ml_collections.ConfigDict:
   """`config.eval`.
 
@@ -88,4 +107,5 @@ def benchmark_config(name: str, *, visual_input_size: int = 768, query_input_siz
   config.optim = optim_section(lr=lr)
   config.train = train_section()
   config.eval = eval_section()
+  config.text_tower = text_tower_section()
   return config

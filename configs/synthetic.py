@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import eval_section, loss_section, model_section, optim_section, train_section
+from configs.common import (eval_section, loss_section, model_section, optim_section,
+                            text_tower_section, train_section)
 from configs.data_defaults import data_section
 
 
@@ -33,4 +34,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 5
   config.eval = eval_section()
   config.eval.diagnostics_max_queries = 500
+  config.text_tower = text_tower_section()
   return config

@@ -12,7 +12,8 @@ global batch k, so that:
 
 Host work is numpy only: frames resampled to `num_frames` rows (NOT normalised: OP-ToMe and the
 normalisation run on the device), caption tokens L2-normalised (x / (||x|| + 1e-5)), truncated,
-zero-padded. This module imports no JAX itself; it is what grain worker processes unpickle.
+zero-padded; or, for a model that runs a CLIP text tower itself (`caption_text_length` > 0), the
+caption text tokenised with the vendored CLIP BPE instead of the token features. This module imports no JAX itself; it is what grain worker processes unpickle.
 (grain 0.2 itself imports `jax.profiler` when JAX is installed; no backend is initialised.)
 """
 
@@ -25,15 +26,20 @@ import math
 import os
 import pathlib
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
 
 from prvr_jax.data.preprocess import DEFAULT_LENGTH, l2_normalize, resample_to_fixed_length
 
-# Keys the jitted train step takes; the others are numpy bookkeeping.
+# Keys the jitted train step takes; the others are numpy bookkeeping. A model with an in-model
+# CLIP text tower takes tokenised captions (CAPTION_ID_KEYS) in place of TEXT_FEATURE_KEYS.
+TEXT_FEATURE_KEYS = ("text_feat", "text_mask")
+CAPTION_ID_KEYS = ("caption_ids", "caption_id_mask")
 TRAIN_KEYS = ("video_frames", "video_valid", "text_feat", "text_mask", "text_labels", "query_valid")
+TRAIN_TEXT_KEYS = ("video_frames", "video_valid", "caption_ids", "caption_id_mask", "text_labels",
+                   "query_valid")
 VIDEO_EVAL_KEYS = ("video_frames", "video_valid")
 QUERY_EVAL_KEYS = ("text_feat", "text_mask", "query_valid")
 CLIP_MAX_TOKENS = 77  # CLIP's context length; the reference truncates captions to it
@@ -264,14 +270,56 @@ def _pad_captions(captions: Sequence[np.ndarray], rows: int, max_tokens: int, di
   return feat, mask
 
 
+class CaptionTokenizer:
+  """The offline CLIP tokenizer, built lazily in each process (picklable for grain workers).
+
+  Tokenises to `context_length` ids (BOS ... EOS, EOS kept when truncating, as
+  `python -m prvr_jax.extract captions` does) and keeps the first `length` of them.
+  """
+
+  def __init__(self, length: int, context_length: int = CLIP_MAX_TOKENS):
+    if not 2 <= length <= context_length:
+      raise ValueError(f"caption token length must be in [2, {context_length}], got {length}")
+    self.length, self.context_length = int(length), int(context_length)
+    self._tokenizer = None
+    self._lock = threading.Lock()
+
+  def __call__(self, texts: Sequence[str], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """N <= rows texts -> (ids (rows, length) int32, mask (rows, length) int32), zero rows padding."""
+    # One call at a time: a Rust tokenizer shared by loader threads can fail with
+    # "Already borrowed".
+    with self._lock:
+      if self._tokenizer is None:
+        from prvr_jax.clip.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
+
+        self._tokenizer = ClipTokenizer(max_length=self.context_length)
+      ids = np.full((rows, self.length), self._tokenizer.eos_id, np.int32)
+      mask = np.zeros((rows, self.length), np.int32)
+      if len(texts):
+        tok = self._tokenizer(list(texts))
+        ids[:len(texts)] = tok.input_ids[:, :self.length]
+        mask[:len(texts)] = tok.attention_mask[:, :self.length]
+    return ids, mask
+
+  def __getstate__(self):
+    return dict(length=self.length, context_length=self.context_length)
+
+  def __setstate__(self, state):
+    self.__init__(state["length"], state["context_length"])
+
+
+def _caption_texts(record: Mapping[str, Any]) -> list[str]:
+  return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in record["caption_texts"]]
+
+
 class _TrainItem(grain.transforms.Map):
   """(record, valid, epoch) -> one video with up to C captions, padded to static shapes."""
 
   def __init__(self, source: RecordSource, info: SplitInfo, max_captions: int, max_tokens: int,
-               num_frames: int, seed: int, keep_eos: bool):
+               num_frames: int, seed: int, keep_eos: bool, tokenizer: Optional[CaptionTokenizer] = None):
     self.source, self.info = source, info
     self.max_captions, self.max_tokens, self.num_frames = max_captions, max_tokens, num_frames
-    self.seed, self.keep_eos = seed, keep_eos
+    self.seed, self.keep_eos, self.tokenizer = seed, keep_eos, tokenizer
 
   def map(self, element):
     index, valid, epoch = element
@@ -282,15 +330,21 @@ class _TrainItem(grain.transforms.Map):
       # A different seeded subset each epoch, so that over epochs every caption is used.
       rng = np.random.default_rng([self.seed, epoch, index, 1])
       chosen = np.sort(rng.choice(len(captions), self.max_captions, replace=False))
-    feat, mask = _pad_captions([captions[c] for c in chosen], self.max_captions, self.max_tokens,
-                               self.info.text_dim, self.keep_eos)
+    if self.tokenizer is None:
+      feat, mask = _pad_captions([captions[c] for c in chosen], self.max_captions, self.max_tokens,
+                                 self.info.text_dim, self.keep_eos)
+      text = dict(text_feat=feat, text_mask=mask)
+    else:
+      texts = _caption_texts(rec)
+      ids, id_mask = self.tokenizer([texts[c] for c in chosen], self.max_captions)
+      text = dict(caption_ids=ids, caption_id_mask=id_mask)
     query_valid = (np.arange(self.max_captions) < len(chosen)) & valid
     query_index = np.full((self.max_captions,), -1, np.int32)
     if valid:
       query_index[:len(chosen)] = self.info.caption_offsets[index] + chosen
     return dict(
         video_frames=resample_to_fixed_length(rec["frames"], self.num_frames),
-        video_valid=np.bool_(valid), text_feat=feat, text_mask=mask, query_valid=query_valid,
+        video_valid=np.bool_(valid), **text, query_valid=query_valid,
         video_index=np.int32(index if valid else -1), query_index=query_index,
         epoch=np.int32(epoch))
 
@@ -299,8 +353,9 @@ def _collate_train(items: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarr
   """B per-video items -> one batch with the queries of all videos flattened (Q = B * C)."""
   out = {k: np.stack([it[k] for it in items]) for k in items[0]}
   b, c = out["query_valid"].shape
-  for key in ("text_feat", "text_mask", "query_valid", "query_index"):
-    out[key] = out[key].reshape((b * c,) + out[key].shape[2:])
+  for key in (*TEXT_FEATURE_KEYS, *CAPTION_ID_KEYS, "query_valid", "query_index"):
+    if key in out:
+      out[key] = out[key].reshape((b * c,) + out[key].shape[2:])
   out["text_labels"] = np.repeat(np.arange(b, dtype=np.int32), c)
   return out
 
@@ -322,21 +377,36 @@ class _EvalVideo(grain.transforms.Map):
 class _EvalQuery(grain.transforms.Map):
   """(caption, valid, _) -> one caption with its ground-truth video."""
 
-  def __init__(self, source: RecordSource, info: SplitInfo, max_tokens: int, keep_eos: bool):
+  def __init__(self, source: RecordSource, info: SplitInfo, max_tokens: int, keep_eos: bool,
+               tokenizer: Optional[CaptionTokenizer] = None):
     self.source, self.info, self.max_tokens, self.keep_eos = source, info, max_tokens, keep_eos
+    self.tokenizer = tokenizer
 
   def map(self, element):
     query, valid, _ = element
     video = int(np.searchsorted(self.info.caption_offsets, query, side="right") - 1)
-    tokens = split_captions(self.source[video])[query - self.info.caption_offsets[video]]
-    feat, mask = _pad_captions([tokens], 1, self.max_tokens, self.info.text_dim, self.keep_eos)
-    return dict(text_feat=feat[0], text_mask=mask[0], query_valid=np.bool_(valid),
+    rec = self.source[video]
+    k = query - self.info.caption_offsets[video]
+    if self.tokenizer is None:
+      feat, mask = _pad_captions([split_captions(rec)[k]], 1, self.max_tokens, self.info.text_dim,
+                                 self.keep_eos)
+      text = dict(text_feat=feat[0], text_mask=mask[0])
+    else:
+      ids, id_mask = self.tokenizer([_caption_texts(rec)[k]], 1)
+      text = dict(caption_ids=ids[0], caption_id_mask=id_mask[0])
+    return dict(**text, query_valid=np.bool_(valid),
                 query_index=np.int32(query if valid else -1),
                 gt_video_index=np.int32(video if valid else -1))
 
 
 # ----------------------------------------------------------------------------------------------
 # Pipelines.
+
+
+def _tokenizer(caption_text_length: int, context_length: int) -> Optional[CaptionTokenizer]:
+  if not caption_text_length:
+    return None
+  return CaptionTokenizer(caption_text_length, context_length or CLIP_MAX_TOKENS)
 
 
 def _local_batch(batch_size: int, process_count: int) -> int:
@@ -360,7 +430,8 @@ def train_dataset(dataset_dir: str | os.PathLike, split: str = "train", *, batch
                   max_captions_per_video: int = 0, max_caption_tokens: int = 0,
                   num_frames: int = DEFAULT_LENGTH, seed: int = 0, shuffle: bool = True,
                   num_epochs: int = 0, process_index: int = 0, process_count: int = 1,
-                  drop_remainder: bool = False, truncate_keep_eos: bool = False) -> grain.MapDataset:
+                  drop_remainder: bool = False, truncate_keep_eos: bool = False,
+                  caption_text_length: int = 0, caption_context_length: int = 0) -> grain.MapDataset:
   """Training batches: B videos with all their captions (up to C), padded to static shapes.
 
   Args:
@@ -378,6 +449,10 @@ def train_dataset(dataset_dir: str | os.PathLike, split: str = "train", *, batch
       jax.process_count(), passed in so that this module needs no JAX).
     drop_remainder: drop the last partial global batch of each epoch instead of padding it.
     truncate_keep_eos: see `caption_token_features`.
+    caption_text_length: 0 gives the captions' token features; L0 > 0 gives their text tokenised
+      for an in-model CLIP text tower instead: the first L0 of `caption_context_length` ids
+      (0: 77) BOS ... EOS (see `CaptionTokenizer`).
+    caption_context_length: see caption_text_length.
 
   Returns:
     MapDataset; element k (global step k) is a dict with B = local batch, Q = B * C:
@@ -385,6 +460,8 @@ def train_dataset(dataset_dir: str | os.PathLike, split: str = "train", *, batch
       video_valid (B,) bool
       text_feat (Q, L, D_t) float32, rows L2-normalised, zero padding
       text_mask (Q, L) float32
+        (with caption_text_length: caption_ids (Q, L0) int32 and caption_id_mask (Q, L0) int32
+        in place of text_feat / text_mask)
       text_labels (Q,) int32, the query's video within the batch (q // C)
       query_valid (Q,) bool
       and bookkeeping: video_index (B,) int32 (example index in the split, -1 padding),
@@ -402,7 +479,7 @@ def train_dataset(dataset_dir: str | os.PathLike, split: str = "train", *, batch
   order = ShardedOrder(info.num_videos, local, process_index, process_count,
                        num_epochs or _UNBOUNDED_EPOCHS, seed, shuffle, drop_remainder)
   item = _TrainItem(RecordSource(dataset_dir, split), info, max_captions, max_tokens, num_frames,
-                    seed, truncate_keep_eos)
+                    seed, truncate_keep_eos, _tokenizer(caption_text_length, caption_context_length))
   return grain.MapDataset.source(order).map(item).batch(local, batch_fn=_collate_train)
 
 
@@ -425,12 +502,14 @@ def eval_video_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, ba
 
 def eval_query_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, batch_size: int,
                        max_caption_tokens: int = 0, process_index: int = 0, process_count: int = 1,
-                       truncate_keep_eos: bool = False) -> grain.MapDataset:
+                       truncate_keep_eos: bool = False, caption_text_length: int = 0,
+                       caption_context_length: int = 0) -> grain.MapDataset:
   """Every caption of a split once, in split order, padded to full batches.
 
   Returns:
     MapDataset of dicts (B = batch_size // process_count): text_feat (B, L, D_t) float32,
-    text_mask (B, L) float32, query_valid (B,) bool, query_index (B,) int32 (caption index in
+    text_mask (B, L) float32 (with caption_text_length > 0: caption_ids / caption_id_mask
+    (B, L0) int32 instead, see `train_dataset`), query_valid (B,) bool, query_index (B,) int32 (caption index in
     the split, -1 padding), gt_video_index (B,) int32 (its video's index, -1 padding).
   """
   info = open_split(dataset_dir, split)
@@ -439,7 +518,7 @@ def eval_query_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, ba
     raise ValueError(f"{dataset_dir}/{split} has no captions")
   order = ShardedOrder(info.num_captions, local, process_index, process_count)
   query = _EvalQuery(RecordSource(dataset_dir, split), info, resolve_max_tokens(info, max_caption_tokens),
-                     truncate_keep_eos)
+                     truncate_keep_eos, _tokenizer(caption_text_length, caption_context_length))
   return grain.MapDataset.source(order).map(query).batch(local)
 
 
@@ -468,9 +547,12 @@ def to_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch_bat
   return iter(ds)
 
 
-def split_batch(batch: Mapping[str, np.ndarray], keys: Sequence[str] = TRAIN_KEYS
+def split_batch(batch: Mapping[str, np.ndarray], keys: Optional[Sequence[str]] = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """(arrays for the jitted step, numpy bookkeeping) of a batch."""
+  """(arrays for the jitted step, numpy bookkeeping) of a batch (keys: default TRAIN_KEYS, or
+  TRAIN_TEXT_KEYS for a batch of tokenised captions)."""
+  if keys is None:
+    keys = TRAIN_TEXT_KEYS if "caption_ids" in batch else TRAIN_KEYS
   return ({k: batch[k] for k in keys}, {k: v for k, v in batch.items() if k not in keys})
 
 
@@ -488,8 +570,10 @@ def _data(config: Any) -> Any:
 
 
 def train_from_config(config: Any, dataset_dir: str | os.PathLike, *, process_index: int = 0,
-                      process_count: int = 1) -> grain.MapDataset:
-  """`train_dataset` with the `config.data` keys (shuffle seed: config.seed)."""
+                      process_count: int = 1, caption_text_length: int = 0,
+                      caption_context_length: int = 0) -> grain.MapDataset:
+  """`train_dataset` with the `config.data` keys (shuffle seed: config.seed); the caption lengths
+  are the model's (`ModelConfig.caption_token_length` / `caption_context_length`)."""
   d = _data(config)
   return train_dataset(
       dataset_dir, d.get("train_split", "train"), batch_size=d.batch_size,
@@ -497,12 +581,15 @@ def train_from_config(config: Any, dataset_dir: str | os.PathLike, *, process_in
       max_caption_tokens=d.get("max_caption_tokens", 0), num_frames=d.get("num_frames", DEFAULT_LENGTH),
       seed=int(config.get("seed", 0)), shuffle=d.get("shuffle", True), num_epochs=d.get("num_epochs", 0),
       process_index=process_index, process_count=process_count,
-      drop_remainder=d.get("drop_remainder", False), truncate_keep_eos=d.get("truncate_keep_eos", False))
+      drop_remainder=d.get("drop_remainder", False), truncate_keep_eos=d.get("truncate_keep_eos", False),
+      caption_text_length=caption_text_length, caption_context_length=caption_context_length)
 
 
 def eval_from_config(config: Any, dataset_dir: str | os.PathLike, split: str, *, process_index: int = 0,
-                     process_count: int = 1) -> tuple[grain.MapDataset, grain.MapDataset]:
-  """(eval_video_dataset, eval_query_dataset) of `split` with the `config.data` keys."""
+                     process_count: int = 1, caption_text_length: int = 0,
+                     caption_context_length: int = 0) -> tuple[grain.MapDataset, grain.MapDataset]:
+  """(eval_video_dataset, eval_query_dataset) of `split` with the `config.data` keys; the caption
+  lengths are the model's (`ModelConfig.caption_token_length` / `caption_context_length`)."""
   d = _data(config)
   videos = eval_video_dataset(dataset_dir, split, batch_size=d.get("eval_video_batch_size", 128),
                               num_frames=d.get("num_frames", DEFAULT_LENGTH),
@@ -510,7 +597,9 @@ def eval_from_config(config: Any, dataset_dir: str | os.PathLike, split: str, *,
   queries = eval_query_dataset(dataset_dir, split, batch_size=d.get("eval_query_batch_size", 256),
                                max_caption_tokens=d.get("max_caption_tokens", 0),
                                process_index=process_index, process_count=process_count,
-                               truncate_keep_eos=d.get("truncate_keep_eos", False))
+                               truncate_keep_eos=d.get("truncate_keep_eos", False),
+                               caption_text_length=caption_text_length,
+                               caption_context_length=caption_context_length)
   return videos, queries
 
 

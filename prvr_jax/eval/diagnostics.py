@@ -26,9 +26,9 @@ import numpy as np
 import tqdm
 
 from prvr_jax.data import pipeline
-from prvr_jax.eval.evaluate import place_params
+from prvr_jax.eval.evaluate import caption_arrays, place_params
 from prvr_jax.models.config import ModelConfig
-from prvr_jax.models.msc import MSCNet, last_token_features
+from prvr_jax.models.msc import MSCNet
 from prvr_jax.ops.similarity import l2_normalize
 from prvr_jax.ops.video_inputs import prepare_video_inputs
 
@@ -79,16 +79,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
 
 
 @functools.lru_cache(maxsize=None)
-def _query_encoder(model_cfg: ModelConfig
-                   ) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """jit fn(params, text_feat (B, L, D_t), text_mask (B, L)) -> (learned (B, D), CLIP EOS (B, D_t)),
-  both L2-normalised."""
+def _query_encoder(model_cfg: ModelConfig) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
+  """jit fn(params, captions) -> (learned (B, D), CLIP EOS (B, D_t)), both L2-normalised; captions
+  as `evaluate.make_query_encoder` takes them (the CLIP EOS row comes from the frozen tower when
+  the model runs one)."""
   model = MSCNet(model_cfg)
 
   @jax.jit
-  def encode(params, text_feat, text_mask):
-    query, _ = model.apply({"params": params}, text_feat, text_mask, method=MSCNet.encode_query)
-    return l2_normalize(query), l2_normalize(last_token_features(text_feat, text_mask))
+  def encode(params, captions):
+    query, teacher = model.apply({"params": params}, captions, method=MSCNet.encode_captions)
+    return l2_normalize(query), l2_normalize(teacher)
 
   return encode
 
@@ -151,13 +151,15 @@ def query_collapse(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir
      'all_pairs_cos': {'learned', 'clip'}, 'spearman_learned_vs_clip'}; pairs are unordered pairs
     of distinct queries, 'same_video_cos' is NaN when no two queries share a video.
   """
-  _, queries = pipeline.eval_from_config(config, dataset_dir, split)
+  _, queries = pipeline.eval_from_config(config, dataset_dir, split,
+                                         caption_text_length=model_cfg.caption_token_length,
+                                         caption_context_length=model_cfg.caption_context_length)
   queries = _first_batches(queries, max_queries)
   encode = _query_encoder(model_cfg)
   learned, clip, video, valid = [], [], [], []
   for batch in tqdm.tqdm(pipeline.iterator_from_config(config, queries), total=len(queries),
                          desc="diagnostics: queries", disable=not progress, leave=False):
-    out = jax.device_get(encode(params, batch["text_feat"], batch["text_mask"]))
+    out = jax.device_get(encode(params, caption_arrays(batch)))
     learned.append(out[0])
     clip.append(out[1])
     video.append(batch["gt_video_index"])

@@ -207,14 +207,26 @@ def make_video_encoder(model_cfg: ModelConfig) -> Callable[[Any, jax.Array], tup
   return encode
 
 
+# The caption arrays of a query batch: token features, or token ids for an in-model CLIP tower.
+CAPTION_KEYS = ("text_feat", "text_mask", "caption_ids", "caption_id_mask")
+
+
+def caption_arrays(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The caption inputs of a query batch (`text_feat` / `text_mask` or `caption_ids` /
+  `caption_id_mask`), as `make_query_encoder`'s function takes them."""
+  return {k: batch[k] for k in CAPTION_KEYS if k in batch}
+
+
 @functools.lru_cache(maxsize=None)
-def make_query_encoder(model_cfg: ModelConfig) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-  """A jitted fn(params, text_feat (B, L, D_t), text_mask (B, L)) -> (B, D) L2-normalised queries."""
+def make_query_encoder(model_cfg: ModelConfig) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
+  """A jitted fn(params, captions) -> (B, D) L2-normalised queries; captions: `text_feat`
+  (B, L, D_t) and `text_mask` (B, L), or for a model with a caption tower `caption_ids` and
+  `caption_id_mask` (B, L0) (see `MSCNet.caption_inputs`)."""
   model = MSCNet(model_cfg)
 
   @jax.jit
-  def encode(params, text_feat, text_mask):
-    query, _ = model.apply({"params": params}, text_feat, text_mask, method=MSCNet.encode_query)
+  def encode(params, captions):
+    query, _ = model.apply({"params": params}, captions, method=MSCNet.encode_captions)
     return l2_normalize(query)
 
   return encode
@@ -278,7 +290,8 @@ def encode_queries(params: Any, model_cfg: ModelConfig, batches: Iterable[Mappin
   Args:
     params: network parameters.
     model_cfg: the network's config.
-    batches: dicts with `text_feat` (B, L, D_t), `text_mask` (B, L), `query_valid` (B,) bool,
+    batches: dicts with `text_feat` (B, L, D_t) and `text_mask` (B, L) (or `caption_ids` /
+      `caption_id_mask` (B, L0) for a model with a caption tower), `query_valid` (B,) bool,
       `query_index` (B,) and `gt_video_index` (B,) int32, B and L the same for every batch.
     mesh: a 1-D `data` mesh; batches are split over this process's devices of it when B
       divides by their number, else replicated.
@@ -293,8 +306,8 @@ def encode_queries(params: Any, model_cfg: ModelConfig, batches: Iterable[Mappin
   params = place_params(params, mesh)
   vectors, gts, indices = [], [], []
   for batch in _progress(batches, progress, "encode queries", total):
-    _, split = _shardings(mesh, batch["text_feat"].shape[0])
-    q = encode(params, _put(batch["text_feat"], split), _put(batch["text_mask"], split))
+    _, split = _shardings(mesh, batch["query_valid"].shape[0])
+    q = encode(params, {k: _put(v, split) for k, v in caption_arrays(batch).items()})
     valid = np.asarray(batch["query_valid"], bool)
     vectors.append(np.asarray(jax.device_get(q))[valid])
     gts.append(np.asarray(batch["gt_video_index"], np.int32)[valid])
@@ -442,7 +455,9 @@ def evaluate_split_with_ranks(params: Any, model_cfg: ModelConfig, config: Any, 
   """`evaluate_split` that also returns the ranks ({'fused', 'clip', 'frame'}: (M,) int64)."""
   t0 = time.perf_counter()
   # Every process reads the whole split (process 0 of 1): see the module docstring.
-  videos, queries = pipeline.eval_from_config(config, dataset_dir, split)
+  videos, queries = pipeline.eval_from_config(config, dataset_dir, split,
+                                              caption_text_length=model_cfg.caption_token_length,
+                                              caption_context_length=model_cfg.caption_context_length)
   corpus = encode_videos(params, model_cfg, pipeline.iterator_from_config(config, videos), mesh=mesh,
                          progress=progress, total=len(videos))
   encoded = encode_queries(params, model_cfg, pipeline.iterator_from_config(config, queries), mesh=mesh,

@@ -127,10 +127,10 @@ def msc_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: LossCo
   """Total loss and its parts on one device.
 
   Args:
-    out: `MSCNet` outputs (score matrices (Q, B), `video_query` (Q, D), CBVA projections).
+    out: `MSCNet` outputs (score matrices (Q, B), `video_query` (Q, D), `teacher` (Q, D_t), the
+      TCPL teacher (the caption's EOS token feature), CBVA projections).
     batch: model inputs plus `text_labels` (Q,) int, optional `query_valid` (Q,) and
-      `video_valid` (B,) bool masks (all valid when absent), and `text_feat`/`text_mask` for the
-      TCPL teacher (the caption's EOS token feature).
+      `video_valid` (B,) bool masks (all valid when absent).
     cfg: loss configuration (static).
     key: PRNG key of the random triplet negatives.
     hard_negatives: traced bool, hardest-pool negatives when True.
@@ -140,12 +140,9 @@ def msc_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: LossCo
     `frame_trip`, `tcpl`, `cbva`, the unweighted `clip_nce_unweighted`, `frame_nce_unweighted`,
     `tcpl_distance`, `tcpl_angle`, `cbva_unweighted`, and `clip_count` (mean adaptive clip count).
   """
-  from prvr_jax.models.msc import last_token_features  # pylint: disable=import-outside-toplevel
-
   labels, q_valid, v_valid = batch_masks(batch, out["clip_scale_scores"].shape[1])
   hard_negatives = jnp.asarray(hard_negatives, bool)
   parts = retrieval_terms(out, labels, q_valid, v_valid, cfg, key, hard_negatives)
-  teacher = last_token_features(batch["text_feat"], batch["text_mask"])
-  parts.update(tcpl_terms(out["video_query"], teacher, q_valid, cfg))
+  parts.update(tcpl_terms(out["video_query"], out["teacher"], q_valid, cfg))
   parts.update(cbva_parts(out, batch, v_valid, cfg))
   return total_of(parts), parts

@@ -7,8 +7,9 @@ A frozen dataclass (hashable, so it can be a static argument of `jax.jit`) built
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
+from prvr_jax.models.caption_tower import CaptionTowerConfig
 from prvr_jax.utils.config import checked_kwargs
 
 # Widths of the Gaussian priors of DyGMM branches 1..7 (branch 0 has none), in the reference order.
@@ -35,6 +36,9 @@ class ModelConfig:
     gauss_widths: Gaussian prior widths of DyGMM branches 1..; branch 0 is plain attention.
     use_op_tome: clip tokens by OP-ToMe (MSC); False gives the GMMFormer-v2 baseline's clips,
       `num_frames / num_clips` consecutive frames averaged per clip (equal merge sizes).
+    caption_tower: None = queries are caption token features (the authors' setup); else the
+      model runs this CLIP text tower on tokenised caption text (resolved from
+      `config.text_tower` by the training loop, not a `config.model` key).
   """
 
   hidden_size: int = 384
@@ -51,6 +55,7 @@ class ModelConfig:
   initializer_range: float = 0.02
   gauss_widths: tuple[float, ...] = GAUSS_WIDTHS
   use_op_tome: bool = True
+  caption_tower: Optional[CaptionTowerConfig] = None
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -59,11 +64,32 @@ class ModelConfig:
     if not self.use_op_tome and self.num_frames % self.num_clips:
       raise ValueError(f"model.use_op_tome=False needs model.num_frames={self.num_frames} to be a "
                        f"multiple of model.num_clips={self.num_clips}")
+    tower = self.caption_tower
+    if tower is not None and tower.width != self.query_input_size:
+      raise ValueError(f"model.query_input_size={self.query_input_size} but the CLIP text tower of "
+                       f"{tower.source or 'text_tower.clip_dir'} gives {tower.width}-d {tower.features} "
+                       f"rows; set --config.model.query_input_size={tower.width} (or 0)")
+
+  @property
+  def caption_token_length(self) -> int:
+    """Token ids per caption the model takes (0: it takes caption token features)."""
+    return self.caption_tower.token_length if self.caption_tower is not None else 0
+
+  @property
+  def caption_context_length(self) -> int:
+    """The tokenizer length whose first `caption_token_length` ids the model takes (0: none)."""
+    return self.caption_tower.context_length if self.caption_tower is not None else 0
+
+  def replace_caption_tower(self, caption_tower: Optional[CaptionTowerConfig]) -> "ModelConfig":
+    """This config with another caption tower (None: none)."""
+    return dataclasses.replace(self, caption_tower=caption_tower)
 
   @classmethod
   def from_config_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
     """Builds from a mapping (e.g. `config.model`), ignoring nothing: unknown keys are an error."""
     kwargs = checked_kwargs(cls, cfg, "model")
+    if "caption_tower" in kwargs:
+      raise ValueError("config.model.caption_tower is not a config key: set config.text_tower.clip_dir")
     if "gauss_widths" in kwargs:
       kwargs["gauss_widths"] = tuple(float(w) for w in kwargs["gauss_widths"])
     return cls(**kwargs)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prvr_jax.models.caption_tower import CaptionTower, caption_rows
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.gmm_block import DyGMMBlock
 from prvr_jax.models.layers import InputProjection, Linear, PositionalEmbedding, TransformerLayer
@@ -22,7 +23,8 @@ class MSCNet(nn.Module):
 
   Inputs follow the reference batch: clip tokens are the 32 L2-normalised OP-ToMe tokens with their
   merge sizes (proportional attention), frames the 128 L2-normalised resampled rows with a mask,
-  queries the L2-normalised CLIP token features with a mask.
+  queries the L2-normalised CLIP token features with a mask, or (with `config.caption_tower`)
+  tokenised caption text that the model's own CLIP text tower turns into those features.
   """
 
   config: ModelConfig
@@ -45,6 +47,48 @@ class MSCNet(nn.Module):
     # The reference creates it with torch.randn and never re-initialises it: N(0, 1).
     self.weight_token = self.param("weight_token", nn.initializers.normal(1.0), (c.hidden_size,))
     self.vproj_clip = Linear(c.hidden_size, initializer_range=init)
+    if c.caption_tower is not None:
+      self.caption_tower = CaptionTower(c.caption_tower)
+
+  def caption_inputs(self, inputs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The query encoder's inputs and the TCPL teacher of a batch of captions.
+
+    Args:
+      inputs: either `text_feat` (Q, L, D_t) and `text_mask` (Q, L) (extracted token features,
+        loader-treated), or, for a model with a caption tower, `caption_ids` (Q, L0) int32 and
+        `caption_id_mask` (Q, L0) (tokenised text).
+
+    Returns:
+      text_feat (Q, L, D_t), text_mask (Q, L), teacher (Q, D_t): the caption's CLIP sentence
+      embedding (its last valid row), from the frozen CLIP tower when the model runs one.
+    """
+    tower = self.config.caption_tower
+    if tower is None:
+      if "caption_ids" in inputs:
+        raise ValueError("caption_ids given, but the model has no caption tower "
+                         "(config.text_tower.clip_dir is empty)")
+      return (inputs["text_feat"], inputs["text_mask"],
+              last_token_features(inputs["text_feat"], inputs["text_mask"]))
+    if "caption_ids" not in inputs:
+      raise ValueError("the model runs a CLIP text tower on caption text: its inputs need "
+                       "caption_ids / caption_id_mask, not text_feat")
+    ids, id_mask = inputs["caption_ids"], inputs["caption_id_mask"]
+    rows, teacher_rows = self.caption_tower(ids, id_mask)
+    feat, mask = caption_rows(rows, id_mask, tower.max_query_tokens, tower.truncate_keep_eos)
+    if teacher_rows is not rows:
+      teacher_rows, _ = caption_rows(teacher_rows, id_mask, tower.max_query_tokens,
+                                     tower.truncate_keep_eos)
+    else:
+      teacher_rows = feat
+    return feat, mask, last_token_features(teacher_rows, mask)
+
+  def encode_captions(self, inputs: dict[str, jax.Array],
+                      deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Pooled query vectors (Q, D) (not normalised) and the TCPL teacher (Q, D_t) of captions
+    given as in `caption_inputs`."""
+    feat, mask, teacher = self.caption_inputs(inputs)
+    pooled, _ = self.encode_query(feat, mask, deterministic)
+    return pooled, teacher
 
   def encode_query(self, text_feat: jax.Array, text_mask: jax.Array,
                    deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -82,11 +126,12 @@ class MSCNet(nn.Module):
 
     Args:
       batch: `clip_video_features` (B, K, D_v), `merge_size` (B, K), `frame_video_features`
-        (B, F, D_v), `videos_mask` (B, F), `text_feat` (Q, L, D_t), `text_mask` (Q, L).
+        (B, F, D_v), `videos_mask` (B, F), and the captions as `caption_inputs` takes them.
       deterministic: disables dropout when True.
 
     Returns:
-      dict with `video_query` (Q, D), `encoded_query` (Q, L, D), `clip_tokens` (B, K, D),
+      dict with `video_query` (Q, D), `encoded_query` (Q, L, D), `teacher` (Q, D_t) (TCPL's
+      CLIP sentence embeddings), `clip_tokens` (B, K, D),
       `frame_tokens` (B, F, D) and the CBVA projections `encoded_clip_feat` (B, K, D),
       `encoded_frame_feat` (B, F, D). Items are independent, so a batch split over devices can
       be encoded piecewise (the sharded step does) with the same result.
@@ -94,11 +139,12 @@ class MSCNet(nn.Module):
     clip_tokens = self.encode_clips(batch["clip_video_features"], batch["merge_size"], deterministic)
     frame_tokens = self.encode_frames(batch["frame_video_features"], batch["videos_mask"],
                                       deterministic)
-    video_query, encoded_query = self.encode_query(batch["text_feat"], batch["text_mask"],
-                                                   deterministic)
+    text_feat, text_mask, teacher = self.caption_inputs(batch)
+    video_query, encoded_query = self.encode_query(text_feat, text_mask, deterministic)
     return dict(
         video_query=video_query,
         encoded_query=encoded_query,
+        teacher=teacher,
         clip_tokens=clip_tokens,
         frame_tokens=frame_tokens,
         encoded_clip_feat=self.project_for_alignment(clip_tokens),
@@ -128,9 +174,13 @@ def last_token_features(text_feat: jax.Array, text_mask: jax.Array) -> jax.Array
 
 def init_params(config: ModelConfig, key: jax.Array, num_queries: int = 2,
                 text_len: Optional[int] = None) -> Any:
-  """Initialises the network's parameters from `key` (shapes only depend on `config`)."""
+  """Initialises the network's parameters from `key` (shapes only depend on `config`).
+
+  With a caption tower, its parameters are random too: the training loop replaces them with the
+  CLIP checkpoint's (`caption_tower.load_tower_params`).
+  """
   text_len = text_len or min(8, config.max_desc_len)
-  batch = dict(
+  batch: dict[str, jax.Array] = dict(
       clip_video_features=jnp.zeros((1, config.num_clips, config.visual_input_size)),
       merge_size=jnp.ones((1, config.num_clips)),
       frame_video_features=jnp.zeros((1, config.num_frames, config.visual_input_size)),
@@ -138,5 +188,10 @@ def init_params(config: ModelConfig, key: jax.Array, num_queries: int = 2,
       text_feat=jnp.zeros((num_queries, text_len, config.query_input_size)),
       text_mask=jnp.ones((num_queries, text_len)),
   )
+  if config.caption_tower is not None:
+    length = config.caption_tower.token_length
+    del batch["text_feat"], batch["text_mask"]
+    batch["caption_ids"] = jnp.zeros((num_queries, length), jnp.int32)
+    batch["caption_id_mask"] = jnp.ones((num_queries, length), jnp.int32)
   init = jax.jit(lambda k, b: MSCNet(config).init({"params": k}, b)["params"])
   return init(key, batch)

@@ -5,11 +5,13 @@
   python -m prvr_jax.search query --index INDEX --clip CLIP_DIR "a man holds a dog" \\
       [--queries FILE] [--top-k 10] [--batch 64] [--text-kind projected|hidden] [--workdir RUN]
   python -m prvr_jax.search query --index INDEX --text-features captions.h5 [CAPTION_ID ...]
+  python -m prvr_jax.search query --index INDEX "a man holds a dog"   # model with its own CLIP tower
 
 `index` encodes every video of a feature file (`python -m prvr_jax.extract videos`) with a trained
 run's model; an interrupted build resumes when run again. `query` restores the model the index
 was built with (the manifest names its workdir and step), encodes the queries (raw text through
-the CLIP text tower of --clip, or precomputed caption features of --text-features) and prints one
+the CLIP text tower of --clip, precomputed caption features of --text-features, or raw text through
+the model's own CLIP text tower when it was trained with one) and prints one
 JSON line per result:
   {"query", "rank", "video_id", "score", "clip_score", "frame_score", "start", "end", "branch"}
 (start / end in seconds; see prvr_jax/search/query.py for the scores and the moment).
@@ -48,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument("text", nargs="*", help="queries (raw text with --clip, caption ids with "
                                          "--text-features)")
   q.add_argument("--index", required=True, help="index directory")
-  src = q.add_mutually_exclusive_group(required=True)
+  # Neither for a model trained with its own CLIP text tower (config.text_tower): queries are text.
+  src = q.add_mutually_exclusive_group()
   src.add_argument("--clip", help="CLIP checkpoint directory: queries are raw text")
   src.add_argument("--text-features", help="caption features .h5 (prvr_jax.extract captions): "
                                            "queries are caption ids (default: all of them)")
@@ -109,6 +112,7 @@ def run_index(args: argparse.Namespace):
 def run_query(args: argparse.Namespace):
   """`query`: returns the hits (lists per query)."""
   # pylint: disable=import-outside-toplevel
+  from prvr_jax.models.caption_tower import WORKDIR_FILE as CAPTION_TOWER_FILE
   from prvr_jax.search import query as query_lib
   from prvr_jax.search.errors import SearchError
   from prvr_jax.search.features import read_caption_features
@@ -117,27 +121,38 @@ def run_query(args: argparse.Namespace):
 
   _check_positive(args, "top_k", "batch")
   queries = _read_queries(args)
-  if not queries and args.clip:
-    raise SearchError("no query given: pass query texts or --queries FILE")
   index = IndexReader(args.index)  # checked before the (slow) model restore
   built = index.manifest["model"]
   workdir = args.workdir or built.get("workdir")
   if not workdir:
     raise SearchError(f"{index.directory}: built from parameters in memory, not a workdir; pass "
                       "--workdir")
+  own_tower = (pathlib.Path(workdir) / CAPTION_TOWER_FILE).is_file()
+  if own_tower and (args.clip or args.text_features):
+    raise SearchError(f"{workdir}: the model runs its own CLIP text tower on query text; drop "
+                      f"{'--clip' if args.clip else '--text-features'} and pass the queries as text")
+  if not own_tower and not (args.clip or args.text_features):
+    raise SearchError(f"{workdir}: the model was trained on extracted caption features: pass --clip "
+                      "CLIP_DIR (raw text queries) or --text-features FILE (caption features)")
+  if not queries and not args.text_features:
+    raise SearchError("no query given: pass query texts or --queries FILE")
   # Query inputs are read before the (slow) model restore, so their errors come at once.
   if args.clip:
     from prvr_jax.search.text import encode_texts, load_text_tower
 
     tower = load_text_tower(args.clip, args.text_kind, args.precision)
-  else:
+  elif args.text_features:
     items = read_caption_features(args.text_features, queries or None)
     names = [cid for cid, _ in items]
   step = built.get("step")  # -1: built from parameters in memory; the hash check still applies
   step = step if isinstance(step, int) and step >= 0 else None
   model = load_search_model(workdir, built.get("which") or "best", step=step)
   query_lib.check_model(index, model)
-  if args.clip:
+  if own_tower:
+    from prvr_jax.search.text import encode_texts_with_model_tower
+
+    vectors, names = encode_texts_with_model_tower(model, queries, args.batch), queries
+  elif args.clip:
     vectors, names = encode_texts(tower, model, queries, args.batch), queries
   else:
     vectors = query_lib.encode_token_features(model, [rows for _, rows in items], args.batch,

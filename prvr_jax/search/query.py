@@ -108,6 +108,9 @@ def encode_token_features(model: SearchModel, rows: Sequence[np.ndarray], batch:
   Raises:
     SearchError: a query whose width is not the model's query_input_size.
   """
+  if model.model_cfg.caption_tower is not None:
+    raise SearchError(f"{source or 'query features'}: the model {model.name} runs its own CLIP text "
+                      "tower on query text; pass the queries as text (no --text-features)")
   want = model.model_cfg.query_input_size
   for i, r in enumerate(rows):
     if r.ndim != 2 or r.shape[1] != want:
@@ -125,7 +128,7 @@ def encode_token_features(model: SearchModel, rows: Sequence[np.ndarray], batch:
       feat = np.concatenate([feat, np.zeros((batch - n,) + feat.shape[1:], np.float32)])
       mask = np.concatenate([mask, np.zeros((batch - n, mask.shape[1]), np.float32)])
       mask[n:, 0] = 1.0
-    out.append(np.asarray(encode(model.params, feat, mask))[:n])
+    out.append(np.asarray(encode(model.params, dict(text_feat=feat, text_mask=mask)))[:n])
   return np.concatenate(out)
 
 

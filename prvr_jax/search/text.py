@@ -1,6 +1,9 @@
 """Raw text -> query features / query vectors through a frozen CLIP text tower.
 
-Two forms of the same computation:
+For a model trained with its own CLIP text tower (`config.text_tower.clip_dir`), queries go through
+that tower instead (`encode_texts_with_model_tower`): no external checkpoint is needed.
+
+Two forms of the same computation for a model trained on extracted caption features:
   * `text_token_features`: per text the (L, P) rows BOS ... EOS exactly as
     `python -m prvr_jax.extract captions` writes them (final-LayerNorm token states through
     text_projection, or the unprojected states with kind='hidden').
@@ -19,14 +22,15 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from prvr_jax.clip.model import ClipEncoders
 from prvr_jax.clip.tokenizer import ClipTokenizer
+from prvr_jax.data.pipeline import CaptionTokenizer
+from prvr_jax.eval.evaluate import make_query_encoder
+from prvr_jax.models.caption_tower import caption_rows
 from prvr_jax.models.msc import MSCNet
 from prvr_jax.ops.similarity import l2_normalize
-from prvr_jax.ops.video_inputs import data_l2_normalize
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.model import SearchModel
 
@@ -117,32 +121,6 @@ def text_token_features(tower: ClipTextTower, texts: Sequence[str],
   return out
 
 
-def query_token_features(states: jax.Array, attention_mask: jax.Array, max_tokens: int,
-                         keep_eos: bool) -> tuple[jax.Array, jax.Array]:
-  """The loader's caption treatment on device: row normalisation, truncation, zero padding.
-
-  Args:
-    states: (N, L0, D_t) token rows, valid on BOS .. EOS.
-    attention_mask: (N, L0) 1 on BOS .. EOS.
-    max_tokens: rows kept (static).
-    keep_eos: a caption longer than max_tokens keeps its first max_tokens - 1 rows and its EOS
-      row (else its first max_tokens rows), as `pipeline.caption_token_features`.
-
-  Returns:
-    text_feat (N, L, D_t) and text_mask (N, L) float32, L = min(max_tokens, L0).
-  """
-  length = min(max_tokens, states.shape[1])
-  n = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)[:, None]
-  j = jnp.arange(length, dtype=jnp.int32)[None, :]
-  if keep_eos:  # a long caption's last kept row is its EOS row
-    src = jnp.where((n > length) & (j == length - 1), n - 1, j)
-  else:
-    src = jnp.broadcast_to(j, (states.shape[0], length))
-  feat = jnp.take_along_axis(data_l2_normalize(states), src[..., None], axis=1)
-  mask = (j < jnp.minimum(n, length)).astype(jnp.float32)
-  return feat * mask[..., None], mask
-
-
 def make_text_query_encoder(tower: ClipTextTower, model: SearchModel) -> Callable[..., jax.Array]:
   """The in-model raw-text query encoder: one jitted CLIP text tower + MSC query encoder.
 
@@ -157,6 +135,9 @@ def make_text_query_encoder(tower: ClipTextTower, model: SearchModel) -> Callabl
   Raises:
     SearchError: the tower's token width is not the model's query_input_size.
   """
+  if model.model_cfg.caption_tower is not None:
+    raise SearchError(f"the model {model.name} runs its own CLIP text tower (initialised from "
+                      f"{model.model_cfg.caption_tower.source}); query it without --clip")
   want = model.model_cfg.query_input_size
   if tower.dim != want:
     raise SearchError(f"{tower.source}: the CLIP text tower gives {tower.dim}-d {tower.kind} token "
@@ -168,8 +149,8 @@ def make_text_query_encoder(tower: ClipTextTower, model: SearchModel) -> Callabl
   @jax.jit
   def encode(clip_params, msc_params, input_ids, attention_mask):
     states = _token_states(tower, clip_params, input_ids, attention_mask)
-    feat, mask = query_token_features(states, attention_mask, model.max_query_tokens,
-                                      model.truncate_keep_eos)
+    feat, mask = caption_rows(states, attention_mask, model.max_query_tokens,
+                              model.truncate_keep_eos)
     pooled, _ = net.apply({"params": msc_params}, feat, mask, method=MSCNet.encode_query)
     return l2_normalize(pooled)
 
@@ -198,4 +179,35 @@ def encode_texts(tower: ClipTextTower, model: SearchModel, texts: Sequence[str],
     tok = tower.tokenizer(part + [""] * (batch - len(part)))
     vectors = encode(clip_params, model.params, tok.input_ids, tok.attention_mask)
     out.append(np.asarray(vectors)[:len(part)])
+  return np.concatenate(out)
+
+
+def encode_texts_with_model_tower(model: SearchModel, texts: Sequence[str],
+                                  batch: int = DEFAULT_TEXT_BATCH) -> np.ndarray:
+  """Query vectors of raw texts for a model that runs its own CLIP text tower.
+
+  Args:
+    model: the MSC network (its ModelConfig has a caption tower, trained or frozen).
+    texts: Q strings.
+    batch: texts per device call (fixed; the last batch is padded with empty texts).
+
+  Returns:
+    (Q, D) float32 L2-normalised: what evaluation computes for the same captions.
+
+  Raises:
+    SearchError: the model has no caption tower.
+  """
+  tower = model.model_cfg.caption_tower
+  if tower is None:
+    raise SearchError(f"the model {model.name} was trained on extracted caption features: pass "
+                      "--clip CLIP_DIR (the checkpoint they were extracted with)")
+  tokenizer = CaptionTokenizer(tower.token_length, tower.context_length)  # as the loader
+  encode = make_query_encoder(model.model_cfg)
+  batch = max(1, min(batch, len(texts)))
+  out = []
+  for start in range(0, len(texts), batch):
+    part = list(texts[start:start + batch])
+    ids, mask = tokenizer(part + [""] * (batch - len(part)), batch)
+    captions = dict(caption_ids=ids, caption_id_mask=mask)
+    out.append(np.asarray(encode(model.params, captions))[:len(part)])
   return np.concatenate(out)

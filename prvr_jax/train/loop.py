@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from prvr_jax import parallel
 from prvr_jax.data import pipeline
 from prvr_jax.losses.config import LossConfig
+from prvr_jax.models import caption_tower as caption_tower_lib
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import init_params
 from prvr_jax.train import checkpoint
@@ -56,17 +57,49 @@ def _is_chief() -> bool:
   return jax.process_index() == 0
 
 
-def resolve_model_config(config: ml_collections.ConfigDict, info: pipeline.SplitInfo) -> ModelConfig:
-  """`config.model` with input sizes 0 taken from the dataset; a size that contradicts the
-  dataset is an error naming both."""
+def resolve_caption_tower(config: ml_collections.ConfigDict, info: pipeline.SplitInfo,
+                          workdir: str) -> Optional[caption_tower_lib.CaptionTowerConfig]:
+  """The in-model CLIP text tower of `config.text_tower` (None when `clip_dir` is empty).
+
+  A run that already has one (its workdir's caption_tower.json) keeps it, so resuming or
+  evaluating does not need the CLIP directory; a new run reads the checkpoint's config.json.
+  """
+  t = config.get("text_tower")
+  if t is None or not t.clip_dir:
+    return None
+  kept = caption_tower_lib.read_from_workdir(workdir)
+  if kept is not None:
+    return kept
+  from prvr_jax.clip.config import read_config  # pylint: disable=import-outside-toplevel
+
+  clip = read_config(t.clip_dir)
+  max_tokens = pipeline.resolve_max_tokens(info, config.data.get("max_caption_tokens", 0))
+  return caption_tower_lib.CaptionTowerConfig(
+      text=clip.text, projection_dim=clip.projection_dim, features=t.features,
+      trainable_blocks=int(t.trainable_blocks), max_query_tokens=max_tokens,
+      truncate_keep_eos=bool(config.data.get("truncate_keep_eos", False)),
+      source=os.path.abspath(t.clip_dir))
+
+
+def resolve_model_config(config: ml_collections.ConfigDict, info: pipeline.SplitInfo,
+                         caption_tower: Optional[caption_tower_lib.CaptionTowerConfig] = None
+                         ) -> ModelConfig:
+  """`config.model` with input sizes 0 taken from the dataset (the query width from the caption
+  tower when there is one); a size that contradicts them is an error naming both."""
   model = dict(config.model)
-  for key, actual in (("visual_input_size", info.video_dim), ("query_input_size", info.text_dim)):
+  sizes = [("visual_input_size", info.video_dim, f"the dataset {info.dataset_dir} has")]
+  if caption_tower is None:
+    sizes.append(("query_input_size", info.text_dim, f"the dataset {info.dataset_dir} has"))
+  else:
+    sizes.append(("query_input_size", caption_tower.width,
+                  f"the CLIP text tower of {caption_tower.source} gives"))
+  for key, actual, where in sizes:
     if model[key] == 0:
       model[key] = actual
     elif model[key] != actual:
-      raise ValueError(f"config.model.{key}={model[key]} but the dataset {info.dataset_dir} has "
-                       f"{actual}-d features; set --config.model.{key}={actual} (or 0 = from data)")
-  return ModelConfig.from_config_dict(model)
+      raise ValueError(f"config.model.{key}={model[key]} but {where} {actual}-d features; set "
+                       f"--config.model.{key}={actual} (or 0 = from data)")
+  return ModelConfig.from_config_dict(model).replace_caption_tower(caption_tower)
 
 
 def ensure_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -90,7 +123,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
     parallel.check_divisible(config.data[key], mesh, f"data.{key}")
   dataset_dir = ensure_dataset(config, workdir)
   info = pipeline.open_split(dataset_dir, config.data.train_split)
-  model_cfg = resolve_model_config(config, info)
+  tower = resolve_caption_tower(config, info, workdir)
+  model_cfg = resolve_model_config(config, info, tower)
+  if tower is not None and _is_chief():
+    caption_tower_lib.write_to_workdir(tower, workdir)
   with config.unlocked():
     config.model.visual_input_size = model_cfg.visual_input_size
     config.model.query_input_size = model_cfg.query_input_size
@@ -107,22 +143,38 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
                   steps_per_epoch * config.train.num_epochs)
 
 
-def make_optimizer_from_config(config: ml_collections.ConfigDict, total_steps: int
+def make_optimizer_from_config(config: ml_collections.ConfigDict, total_steps: int,
+                               model_cfg: Optional[ModelConfig] = None
                                ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The configured optimiser with warm-up over `warmup_fraction` of the steps, then linear decay."""
+  """The configured optimiser with warm-up over `warmup_fraction` of the steps, then linear decay
+  (frozen caption-tower parameters, if `model_cfg` has a tower, get no updates)."""
   o = config.optim
   schedule = warmup_linear_schedule(o.lr, total_steps, o.warmup_fraction)
-  optimizer = make_optimizer(o.name, schedule, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
+  optimizer = make_optimizer(o.name, schedule, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+                             caption_tower=model_cfg.caption_tower if model_cfg else None)
   return optimizer, schedule
 
 
 def initial_state(setup: RunSetup, optimizer: optax.GradientTransformation) -> TrainState:
-  """Fresh replicated TrainState from `config.seed`."""
+  """Fresh replicated TrainState from `config.seed` (a caption tower starts from its CLIP
+  checkpoint's weights)."""
   key = jax.random.fold_in(jax.random.key(setup.config.seed), 0)
   rep = parallel.replicated(setup.mesh)
-  init = jax.jit(lambda k: create_train_state(init_params(setup.model_cfg, k), optimizer),
-                 out_shardings=rep)
-  return init(key)
+  tower = setup.model_cfg.caption_tower
+  if tower is None:
+    init = jax.jit(lambda k: create_train_state(init_params(setup.model_cfg, k), optimizer),
+                   out_shardings=rep)
+    return init(key)
+  clip_dir = setup.config.text_tower.clip_dir
+  tower_params = caption_tower_lib.load_tower_params(clip_dir, tower)
+
+  def init_with_tower(k, loaded):
+    params = dict(init_params(setup.model_cfg, k))
+    params[caption_tower_lib.PARAMS_KEY] = loaded
+    return create_train_state(params, optimizer)
+
+  # The weights are an argument, not constants folded into the program.
+  return jax.jit(init_with_tower, out_shardings=rep)(key, tower_params)
 
 
 def abstract_state(setup: RunSetup, optimizer: optax.GradientTransformation) -> Any:
@@ -137,7 +189,14 @@ def resolved_setup(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   (searching or converting a run works on a machine that does not hold its data).
   `steps_per_epoch` / `total_steps` are unknown there (0): restoring does not need them."""
   mesh = parallel.make_data_mesh()
-  model_cfg = ModelConfig.from_config_dict(config.model)
+  tower = None
+  if config.get("text_tower") is not None and config.text_tower.clip_dir:
+    tower = caption_tower_lib.read_from_workdir(workdir)
+    if tower is None:
+      raise checkpoint.CheckpointError(f"{os.path.join(workdir, caption_tower_lib.WORKDIR_FILE)}: "
+                                       "missing; the run's config has a CLIP text tower "
+                                       f"(text_tower.clip_dir={config.text_tower.clip_dir!r})")
+  model_cfg = ModelConfig.from_config_dict(config.model).replace_caption_tower(tower)
   if not (model_cfg.visual_input_size and model_cfg.query_input_size):
     raise checkpoint.CheckpointError(f"{os.path.join(workdir, checkpoint.CONFIG_FILE)}: model input "
                                      "sizes are not resolved (0); is this a training workdir?")
@@ -160,7 +219,7 @@ def load_trained(workdir: str, which: str = "best", *, with_data: bool = False,
   """
   config = checkpoint.read_config(workdir)
   setup = setup_run(config, workdir) if with_data else resolved_setup(config, workdir)
-  optimizer, _ = make_optimizer_from_config(config, max(setup.total_steps, 1))
+  optimizer, _ = make_optimizer_from_config(config, max(setup.total_steps, 1), setup.model_cfg)
   manager = checkpoint.make_manager(workdir, read_only=True)
   try:
     if step is None and which == "best":
@@ -242,11 +301,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config = setup.config
   if _is_chief():
     checkpoint.write_config(config, workdir)
-  optimizer, schedule = make_optimizer_from_config(config, setup.total_steps)
+  optimizer, schedule = make_optimizer_from_config(config, setup.total_steps, setup.model_cfg)
   step_fn = make_sharded_train_step(setup.model_cfg, setup.loss_cfg, optimizer, setup.mesh, schedule)
   local_videos = config.data.batch_size // jax.process_count()
   dataset = pipeline.train_from_config(config, setup.dataset_dir, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+                                       process_count=jax.process_count(),
+                                       caption_text_length=setup.model_cfg.caption_token_length,
+                                       caption_context_length=setup.model_cfg.caption_context_length)
   iterator = pipeline.iterator_from_config(config, dataset)
   manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
   loop = dict(best_val_sumr=-1.0, best_step=-1, evals_since_best=0)

@@ -17,6 +17,8 @@ import optax
 from flax import traverse_util
 
 from prvr_jax.convert.torch_msc import torch_name_index
+from prvr_jax.models.caption_tower import PARAMS_KEY as CAPTION_TOWER_KEY
+from prvr_jax.models.caption_tower import CaptionTowerConfig, trainable_labels
 
 # The reference exempts parameters whose torch name contains one of these from weight decay. Its
 # post-attention norms are named `norm1`/`norm2`, so they *are* decayed; we keep that.
@@ -78,10 +80,24 @@ def warmup_linear_schedule(peak_lr: float, total_steps: int, warmup_fraction: fl
 
 
 def reference_decay_mask(params: Any) -> Any:
-  """True where the reference applies weight decay (by its torch parameter names)."""
+  """True where the reference applies weight decay (by its torch parameter names).
+
+  An in-model CLIP text tower (`caption_tower`, which the reference does not have) follows the
+  same rule by its own names: biases and LayerNorm parameters are not decayed.
+  """
+  rest = {k: v for k, v in params.items() if k != CAPTION_TOWER_KEY}
   decayed = {path: not any(nd in name for nd in REFERENCE_NO_DECAY)
-             for path, (name, _) in torch_name_index(params).items()}
-  return traverse_util.unflatten_dict(decayed)
+             for path, (name, _) in torch_name_index(rest).items()}
+  mask = traverse_util.unflatten_dict(decayed)
+  if CAPTION_TOWER_KEY in params:
+    mask[CAPTION_TOWER_KEY] = jax.tree_util.tree_map_with_path(
+        lambda path, _: not _is_bias_or_norm(path), params[CAPTION_TOWER_KEY])
+  return mask
+
+
+def _is_bias_or_norm(path: tuple[Any, ...]) -> bool:
+  names = [getattr(k, "key", str(k)) for k in path]
+  return names[-1] == "bias" or any("layer_norm" in n for n in names)
 
 
 def bert_adam(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999,
@@ -106,10 +122,21 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.01,
                      optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask))
 
 
-def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
-  """'bert_adam' (reference) or 'adamw'."""
+def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
+                   caption_tower: CaptionTowerConfig | None = None, **kwargs) -> optax.GradientTransformation:
+  """'bert_adam' (reference) or 'adamw'.
+
+  With an in-model CLIP text tower, its frozen parameters get zero updates (no moments, no weight
+  decay) through `optax.multi_transform`; the trainable top blocks, if any, are optimised like
+  the rest of the model.
+  """
   if name == "bert_adam":
-    return bert_adam(learning_rate, **kwargs)
-  if name == "adamw":
-    return adamw(learning_rate, **kwargs)
-  raise ValueError(f"unknown optimizer {name!r}; expected 'bert_adam' or 'adamw'")
+    optimizer = bert_adam(learning_rate, **kwargs)
+  elif name == "adamw":
+    optimizer = adamw(learning_rate, **kwargs)
+  else:
+    raise ValueError(f"unknown optimizer {name!r}; expected 'bert_adam' or 'adamw'")
+  if caption_tower is None:
+    return optimizer
+  return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()},
+                               lambda params: trainable_labels(params, caption_tower))

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from prvr_jax.losses.config import LossConfig
 from prvr_jax.losses.total import cbva_parts, retrieval_terms, tcpl_terms, total_of
 from prvr_jax.models.config import ModelConfig
-from prvr_jax.models.msc import MSCNet, last_token_features
+from prvr_jax.models.msc import MSCNet
 from prvr_jax.ops.similarity import training_scores
 from prvr_jax.parallel import DATA_AXIS, batch_sharding, replicated
 from prvr_jax.train.step import TrainState, train_step_from_loss_fn
@@ -80,7 +80,8 @@ def make_sharded_loss_fn(model_cfg: ModelConfig, loss_cfg: LossConfig,
                          mesh: Mesh) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
   """loss_fn(params, inputs, key, hard_negatives) -> (loss, parts) over `mesh`.
 
-  `inputs`: `prepare_video_inputs` fields (B, ...) plus `text_feat` (Q, L, D_t), `text_mask`,
+  `inputs`: `prepare_video_inputs` fields (B, ...) plus the captions (`text_feat` (Q, L, D_t)
+  and `text_mask`, or `caption_ids` / `caption_id_mask` for a model with a caption tower),
   `text_labels` (Q,) (global video index), `query_valid` (Q,), `video_valid` (B,); B and Q must
   divide by the device count, and each device's queries must belong to its own videos (the
   loader's layout: C captions per video, video-major).
@@ -96,8 +97,7 @@ def make_sharded_loss_fn(model_cfg: ModelConfig, loss_cfg: LossConfig,
                       rngs={"dropout": dropout_key}, method=MSCNet.encode_batch)
     labels = inputs["text_labels"].astype(jnp.int32)
     local = dict(
-        out, teacher=last_token_features(inputs["text_feat"], inputs["text_mask"]),
-        text_labels=labels,
+        out, text_labels=labels,
         query_valid=inputs.get("query_valid", jnp.ones(labels.shape, bool)),
         video_valid=inputs.get("video_valid", jnp.ones(out["clip_tokens"].shape[:1], bool)),
         clip_video_features=inputs["clip_video_features"], merge_size=inputs["merge_size"],
@@ -115,7 +115,8 @@ def make_sharded_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig,
   """Jitted train_step(state, batch, base_key, hard_negatives) -> (state, metrics) over `mesh`.
 
   `batch` (arrays split over `data`): `video_frames` (B, F, D_v) un-normalised resampled frames,
-  `text_feat` (Q, L, D_t), `text_mask` (Q, L), `text_labels` (Q,) global video index,
+  `text_feat` (Q, L, D_t) and `text_mask` (Q, L) (or `caption_ids` / `caption_id_mask`),
+  `text_labels` (Q,) global video index,
   `query_valid` (Q,), `video_valid` (B,). The state is replicated; the step's key is
   `fold_in(base_key, state.step)`. The state argument is donated.
   """
