@@ -46,3 +46,10 @@ def test_device_scope_tcpl_is_a_different_loss(report):
   global_tcpl, device_tcpl = report["device_scope_tcpl"]
   assert np.isfinite(device_tcpl) and device_tcpl > 0
   assert abs(device_tcpl - global_tcpl) > 1e-4
+
+
+def test_in_model_text_tower_equals_single_device(report):
+  r = report["tower"]
+  np.testing.assert_allclose(r["loss"][1], r["loss"][0], rtol=2e-6)
+  assert r["top_grad"] > 0  # the trainable top block really gets a gradient
+  assert r["grad_max_abs"] < 2e-6 * max(r["grad_scale"], 1.0)

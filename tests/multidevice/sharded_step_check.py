@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import optax
 
 from prvr_jax.bench import synthetic_batch
+from prvr_jax.clip.config import TextConfig
 from prvr_jax.losses.config import LossConfig
+from prvr_jax.models.caption_tower import CaptionTowerConfig
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import init_params
 from prvr_jax.ops.video_inputs import prepare_video_inputs
@@ -21,6 +23,24 @@ from prvr_jax.train.step import create_train_state, make_loss_fn, make_train_ste
 
 TINY = ModelConfig(hidden_size=32, num_heads=4, visual_input_size=24, query_input_size=16,
                    max_desc_len=12, dropout=0.1, input_dropout=0.1, gauss_widths=(0.5,))
+
+
+# The same network with a tiny CLIP text tower (random weights) whose top block trains.
+TOWER = CaptionTowerConfig(
+    text=TextConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                    activation="quick_gelu", layer_norm_eps=1e-5, vocab_size=100, max_positions=12,
+                    eos_token_id=99),
+    projection_dim=16, trainable_blocks=1, max_query_tokens=10)
+TINY_TOWER = dataclasses.replace(TINY, caption_tower=TOWER)
+
+
+def caption_ids(key: jax.Array, num: int, length: int) -> dict[str, jax.Array]:
+  """Random tokenised captions of 3..length tokens: BOS (98), pieces, EOS (99), EOS padding."""
+  n = jax.random.randint(key, (num, 1), 3, length + 1)
+  pos = jnp.arange(length)[None, :]
+  pieces = jax.random.randint(jax.random.fold_in(key, 1), (num, length), 1, 98)
+  ids = jnp.where(pos == 0, 98, jnp.where(pos < n - 1, pieces, 99)).astype(jnp.int32)
+  return dict(caption_ids=ids, caption_id_mask=(pos < n).astype(jnp.int32))
 
 
 def max_abs(tree_a, tree_b) -> float:
@@ -72,6 +92,22 @@ def main() -> None:
   dev = make_sharded_loss_fn(TINY, dataclasses.replace(cfg, tcpl_scope="device"), mesh)
   _, pd = jax.jit(lambda p, x: dev(p, x, key, False))(params, sharded_inputs)
   report["device_scope_tcpl"] = [float(p0["tcpl"]), float(pd["tcpl"])]
+  # With the in-model CLIP text tower: token ids split over the devices, the tower's trained top
+  # gets the single-device gradient too.
+  tower_params = init_params(TINY_TOWER, jax.random.key(2))
+  tower_inputs = {k: v for k, v in inputs.items() if k not in ("text_feat", "text_mask")}
+  tower_inputs.update(caption_ids(jax.random.key(3), 24, TOWER.token_length))
+  single = make_loss_fn(TINY_TOWER, cfg)
+  (l0, p0), g0 = jax.jit(jax.value_and_grad(lambda p: single(p, tower_inputs, key, True), has_aux=True))(
+      tower_params)
+  sharded = make_sharded_loss_fn(TINY_TOWER, cfg, mesh)
+  (l1, p1), g1 = jax.jit(jax.value_and_grad(lambda p, x: sharded(p, x, key, True), has_aux=True))(
+      tower_params, jax.device_put(tower_inputs, batch_sharding(mesh)))
+  top = lambda g: g["caption_tower"]["text_model"]["encoder"]["layers_1"]
+  report["tower"] = dict(
+      loss=[float(l0), float(l1)], grad_max_abs=max_abs(g0, g1),
+      grad_scale=max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0)),
+      top_grad=max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(top(g0))))
   print(json.dumps(report))
 
 
