@@ -480,3 +480,10 @@ def test_two_processes_give_the_first_losses_of_one_process(tmp_path):
   for a, b in zip(one, two):
     for key in ("loss", "clip_nce", "tcpl", "cbva", "grad_norm"):
       assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+  # The final evaluation is split over the processes (each encodes half of the videos and
+  # queries) and gathered: every query and video counted once, the metrics of one process.
+  for split in ("val", "test"):
+    e1, e2 = (json.loads((tmp_path / d / f"eval_{split}.json").read_text()) for d in ("one", "two"))
+    assert (e2["num_queries"], e2["num_videos"]) == (e1["num_queries"], e1["num_videos"])
+    for key in ("SumR", "R@1"):
+      assert e2[key] == pytest.approx(e1[key], abs=2.0), (split, key)

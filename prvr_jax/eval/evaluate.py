@@ -29,9 +29,11 @@ needs no mask. (The pipeline's 128 resampled rows are all valid; this guards oth
 Devices: with a 1-D `data` mesh, each chunk's videos are split over the devices, for encoding
 and for scoring (C must divide by the device count); queries and parameters are replicated.
 
-Multi-process: every process evaluates the whole split on its own devices (its part of the mesh)
-and computes the same metrics; nothing is gathered across processes. Parameters replicated over
-a multi-process training mesh are read from this process's replica.
+Multi-process: each process loads and encodes its share of the videos and queries on its own
+devices (its part of the mesh); the encoded corpora are gathered on host so that each process ranks
+its queries against the whole corpus, and the ranks are gathered (see gather.py): every process
+ends with the metrics one process would compute. Parameters replicated over a multi-process
+training mesh are read from this process's replica.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding
 
 from prvr_jax.data import pipeline
+from prvr_jax.eval import gather
 from prvr_jax.eval.metrics import best_gt_score, count_above, recall_at_k
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet
@@ -454,22 +457,30 @@ def evaluate_split_with_ranks(params: Any, model_cfg: ModelConfig, config: Any, 
                               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """`evaluate_split` that also returns the ranks ({'fused', 'clip', 'frame'}: (M,) int64)."""
   t0 = time.perf_counter()
-  # Every process reads the whole split (process 0 of 1): see the module docstring.
+  # Each process loads its share of the split (see the module docstring).
   videos, queries = pipeline.eval_from_config(config, dataset_dir, split,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count(),
                                               caption_text_length=model_cfg.caption_token_length,
                                               caption_context_length=model_cfg.caption_context_length)
   corpus = encode_videos(params, model_cfg, pipeline.iterator_from_config(config, videos), mesh=mesh,
                          progress=progress, total=len(videos))
   encoded = encode_queries(params, model_cfg, pipeline.iterator_from_config(config, queries), mesh=mesh,
                            progress=progress, total=len(queries))
+  if jax.process_count() > 1:
+    whole = gather.allgather_rows(dict(clip_tokens=corpus.clip_tokens, frame_tokens=corpus.frame_tokens,
+                                       clip_spans=corpus.clip_spans, video_index=corpus.video_index))
+    corpus = EncodedCorpus(**whole, chunk_size=corpus.chunk_size)
   clip_w, frame_w = fusion_weights(config)
   ranks = rank_queries(encoded, corpus, video_chunk=corpus.chunk_size, clip_weight=clip_w,
                        frame_weight=frame_w, mesh=mesh)
+  if jax.process_count() > 1:
+    ranks = {k: v.astype(np.int64) for k, v in gather.in_split_order(ranks, encoded.query_index).items()}
   report = recall_report(ranks)
-  report["num_queries"] = len(encoded)
+  report["num_queries"] = len(ranks["fused"])
   report["num_videos"] = len(corpus)
   logging.info("eval %s: %d queries x %d videos in %.1f s: SumR %.2f (R@1 %.2f R@5 %.2f R@10 %.2f "
-               "R@100 %.2f), clip SumR %.2f, frame SumR %.2f", split, len(encoded), len(corpus),
+               "R@100 %.2f), clip SumR %.2f, frame SumR %.2f", split, len(ranks["fused"]), len(corpus),
                time.perf_counter() - t0, report["SumR"], report["R@1"], report["R@5"], report["R@10"],
                report["R@100"], report["clip"]["SumR"], report["frame"]["SumR"])
   return report, ranks
