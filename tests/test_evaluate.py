@@ -199,6 +199,41 @@ def test_evaluate_split_equals_brute_force(ddir, params):
   assert got["clip"] == want["clip"] and got["frame"] == want["frame"]
 
 
+@pytest.mark.parametrize("chunk,devices,want", [(25, 1, 5), (32, 1, 8), (100, 1, 5), (12, 1, 6),
+                                                  (7, 1, 7), (4, 1, 4), (32, 4, 32), (40, 4, 20),
+                                                  (6, 4, 6), (13, 1, 13)])
+def test_encoder_sub_batch(chunk, devices, want):
+  assert E.encoder_sub_batch(chunk, devices) == want
+
+
+def test_map_sub_batches_keeps_video_order():
+  x = jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3)
+  fn = lambda v: (v * 2.0, jnp.sum(v, axis=-1))
+  for sub in (1, 2, 3, 4, 6, 12):
+    got = E.map_sub_batches(fn, x, sub)
+    np.testing.assert_array_equal(got[0], x * 2.0)
+    np.testing.assert_array_equal(got[1], jnp.sum(x, axis=-1))
+  with pytest.raises(ValueError, match="does not split"):
+    E.map_sub_batches(fn, x, 5)
+
+
+def test_video_encoder_in_steps_equals_the_model(params):
+  """A chunk of 12 videos is encoded in 2 on-device steps of 6; same tokens as the model at once."""
+  rng = np.random.default_rng(1)
+  frames = rng.normal(size=(12, TINY_MODEL.num_frames, TINY_MODEL.visual_input_size)).astype(np.float32)
+  clip, frame, spans = E.make_video_encoder(TINY_MODEL)(params, frames)
+  model = MSCNet(TINY_MODEL)
+  inputs = prepare_video_inputs(frames)
+  want_clip = model.apply({"params": params}, inputs["clip_video_features"], inputs["merge_size"],
+                          method=MSCNet.encode_clips)
+  want_frame = model.apply({"params": params}, inputs["frame_video_features"], inputs["videos_mask"],
+                           method=MSCNet.encode_frames)
+  unit = lambda t: t / np.linalg.norm(t, axis=-1, keepdims=True)
+  np.testing.assert_allclose(clip, unit(np.asarray(want_clip)), atol=1e-5)
+  np.testing.assert_allclose(frame, unit(np.asarray(want_frame)), atol=1e-5)
+  np.testing.assert_array_equal(spans, inputs["clip_spans"])
+
+
 def test_write_eval_report(tmp_path):
   report = {"R@1": 10.0, "R@5": 20.0, "R@10": 30.0, "R@100": 90.0, "SumR": 150.0,
             "clip": {"R@1": 1.0, "SumR": 2.0}, "frame": {"R@1": 3.0, "SumR": 4.0},

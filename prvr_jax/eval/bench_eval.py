@@ -26,9 +26,9 @@ from prvr_jax.models.msc import init_params
 
 REFERENCE_SECONDS = 27.0  # the reference's eval of 500 videos x 2,500 queries, this machine class
 REFERENCE_SIZE = (500, 2500)
-# Videos per chunk: on CPU, chunks of 16-32 videos encode 10-25% faster per video than the
-# reference's 100 (the 8 stacked DyGMM branch outputs of a chunk then stay in cache); queries per
-# batch: the reference's (and data_defaults') eval_query_batch_size.
+# Videos per chunk (the encoder itself runs a chunk in on-device steps of ~6 videos, see
+# `evaluate.encoder_sub_batch`: 25 = 5 steps of 5); the ranking scores the corpus in chunks of
+# the same size. Queries per batch: the reference's eval_query_batch_size.
 VIDEO_CHUNK = 25
 QUERY_BATCH = 50
 CAPTION_TOKENS = 32

@@ -187,18 +187,67 @@ def fill_masked_tokens(tokens: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(valid[..., None], tokens, fill)
 
 
+# Videos per device in one step of the video encoder's on-device loop over a chunk (see
+# `encoder_sub_batch`). On CPU, 4-8 videos per step encode 10-25% faster per video than a whole
+# chunk of 25-40 at once: a step's activations (the 8 DyGMM branch outputs and the (L, 4D) FFN
+# hidden states) then stay in cache.
+VIDEO_SUB_BATCH = 6
+
+
+def encoder_sub_batch(chunk: int, devices: int = 1, target: int = VIDEO_SUB_BATCH) -> int:
+  """Videos per step of the encoder's loop over a chunk of `chunk` videos.
+
+  The divisor s of `chunk / devices` closest to `target` (in ratio; ties to the larger) times
+  `devices`, so that the steps split evenly over the devices of a data mesh; `chunk` itself
+  (one step) when `devices` does not divide it.
+  """
+  if chunk % devices:
+    return chunk
+  per_device = chunk // devices
+  divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+  best = min(divisors, key=lambda d: (abs(np.log(d / target)), -d))
+  return best * devices
+
+
+def map_sub_batches(fn: Callable[[jax.Array], Any], frames: jax.Array, sub_batch: int) -> Any:
+  """fn applied to groups of `sub_batch` videos in an on-device loop; outputs in input order.
+
+  Args:
+    fn: maps (S, ...) videos to a pytree of (S, ...) arrays, row i depending on video i only.
+    frames: (C, ...) videos, C a multiple of `sub_batch`.
+    sub_batch: S (static).
+
+  Returns:
+    fn's pytree with (C, ...) leaves, equal to fn(frames) up to float rounding.
+
+  Step j takes videos j, j + C/S, j + 2C/S, ...: with the chunk split over n devices in blocks and
+  n dividing S, every step holds S/n videos of each device, so the loop runs without moving data
+  between devices.
+  """
+  chunk = frames.shape[0]
+  if sub_batch >= chunk:
+    return fn(frames)
+  if chunk % sub_batch:
+    raise ValueError(f"a chunk of {chunk} videos does not split into steps of {sub_batch}")
+  steps = chunk // sub_batch
+  grouped = jnp.swapaxes(frames.reshape((sub_batch, steps) + frames.shape[1:]), 0, 1)
+  outs = jax.lax.map(fn, grouped)  # leaves (steps, S, ...)
+  return jax.tree_util.tree_map(
+      lambda o: jnp.swapaxes(o, 0, 1).reshape((chunk,) + o.shape[2:]), outs)
+
+
 @functools.lru_cache(maxsize=None)
 def make_video_encoder(model_cfg: ModelConfig) -> Callable[[Any, jax.Array], tuple[jax.Array, ...]]:
   """A jitted fn(params, frames (C, F, D_v) un-normalised resampled) ->
   (clip tokens (C, K, D), frame tokens (C, F, D), clip spans (C, K, 2)), tokens L2-normalised.
 
   Cached per config so that repeated evaluations reuse the compiled program; the device split
-  follows the sharding of `frames`.
+  follows the sharding of `frames`. Videos are encoded independently, in steps of
+  `encoder_sub_batch(C, local device count)` videos (an on-device loop).
   """
   model = MSCNet(model_cfg)
 
-  @jax.jit
-  def encode(params, frames):
+  def encode_group(params, frames):
     inputs = prepare_video_inputs(frames, use_op_tome=model_cfg.use_op_tome)
     clip = model.apply({"params": params}, inputs["clip_video_features"], inputs["merge_size"],
                        method=MSCNet.encode_clips)
@@ -206,6 +255,11 @@ def make_video_encoder(model_cfg: ModelConfig) -> Callable[[Any, jax.Array], tup
                         method=MSCNet.encode_frames)
     frame = fill_masked_tokens(l2_normalize(frame), inputs["videos_mask"])
     return l2_normalize(clip), frame, inputs["clip_spans"]
+
+  @jax.jit
+  def encode(params, frames):
+    sub_batch = encoder_sub_batch(frames.shape[0], jax.local_device_count())
+    return map_sub_batches(functools.partial(encode_group, params), frames, sub_batch)
 
   return encode
 

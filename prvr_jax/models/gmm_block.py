@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -27,9 +27,12 @@ class WeightTokenAttention(nn.Module):
   initializer_range: float = 0.02
 
   @nn.compact
-  def __call__(self, token: jax.Array, branches: jax.Array, key_mask: Optional[jax.Array],
-               deterministic: bool) -> jax.Array:
-    """token: (D,); branches: (N, K, L, D); key_mask: (N, L) or None -> (N, K, D)."""
+  def __call__(self, token: jax.Array, branches: Union[jax.Array, Sequence[jax.Array]],
+               key_mask: Optional[jax.Array], deterministic: bool) -> jax.Array:
+    """token: (D,); branches: (N, K, L, D) or K arrays (N, L, D); key_mask: (N, L) or None ->
+    (N, K, D)."""
+    if not isinstance(branches, (list, tuple)):
+      branches = [branches[:, k] for k in range(branches.shape[1])]
     dim = token.shape[-1]
     heads, head_dim = self.num_heads, dim // self.num_heads
     q = Linear(dim, initializer_range=self.initializer_range, name="query")(token)
@@ -38,13 +41,17 @@ class WeightTokenAttention(nn.Module):
     q = q.reshape(heads, head_dim)
     key_dirs = jnp.einsum("ihd,hd->ih", wk.reshape(dim, heads, head_dim), q)  # (D, H)
     key_const = jnp.einsum("hd,hd->h", bk.reshape(heads, head_dim), q)  # (H,)
-    logits = jnp.einsum("nkli,ih->nkhl", branches, key_dirs) + key_const[:, None]
+    # Per branch, never stacking the K branch outputs: a (N, K, L, D) copy (and its gradient)
+    # costs more on CPU than these small products.
+    logits = jnp.stack([jnp.einsum("nli,ih->nhl", b, key_dirs) for b in branches], axis=1)
+    logits = logits + key_const[:, None]
     logits = logits / np.float32(np.sqrt(head_dim))
     if key_mask is not None:
       logits = logits + ((1.0 - key_mask) * MASKED_LOGIT_BIAS)[:, None, None, :]
     probs = jax.nn.softmax(logits, axis=-1)
     probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
-    pooled = jnp.einsum("nkhl,nkli->nkhi", probs, branches)  # (N, K, H, D)
+    pooled = jnp.stack([jnp.einsum("nhl,nli->nhi", probs[:, k], b) for k, b in enumerate(branches)],
+                       axis=1)  # (N, K, H, D)
     ctx = jnp.einsum("nkhi,ihd->nkhd", pooled, wv.reshape(dim, heads, head_dim))
     ctx = ctx + bv.reshape(heads, head_dim) * probs.sum(-1)[..., None]
     ctx = ctx.reshape(ctx.shape[:2] + (dim,))
@@ -85,14 +92,17 @@ class DyGMMBlock(nn.Module):
                          name=f"branch{k}")(x, key_mask, key_log_size, deterministic=deterministic)
         for k, w in enumerate(widths)
     ]
-    branches = jnp.stack(outs, axis=1)  # (N, K, L, D)
-    self.sow("intermediates", "branch_out", branches)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "branch_out", jnp.stack(outs, axis=1))  # (N, K, L, D)
     tokens = WeightTokenAttention(self.num_heads, self.dropout, self.initializer_range,
-                                  name="mixer_attention")(weight_token, branches, key_mask,
+                                  name="mixer_attention")(weight_token, outs, key_mask,
                                                           deterministic)
     h = nn.relu(Linear(x.shape[-1], initializer_range=self.initializer_range, name="mixer1")(tokens))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     mix_logits = Linear(self.length, initializer_range=self.initializer_range, name="mixer2")(h)
     self.sow("intermediates", "mix_logits", mix_logits)  # (N, K, L)
     weights = jax.nn.softmax(jnp.swapaxes(mix_logits, 1, 2) / self.sft_factor, axis=-1)  # (N, L, K)
-    return jnp.einsum("nlk,nkld->nld", weights, branches)
+    mixed = weights[..., 0, None] * outs[0]
+    for k in range(1, len(outs)):
+      mixed = mixed + weights[..., k, None] * outs[k]
+    return mixed

@@ -135,9 +135,11 @@ class MultiHeadAttention(nn.Module):
     n, length, dim = x.shape
     head_dim = dim // self.num_heads
     proj = lambda name: Linear(dim, initializer_range=self.initializer_range, name=name)
-    split = lambda t: t.reshape(n, length, self.num_heads, head_dim)
-    q, k, v = split(proj("query")(x)), split(proj("key")(x)), split(proj("value")(x))
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.float32(np.sqrt(head_dim))
+    # Heads-major (N, H, L, d_h) copies, then plain batched matmuls: XLA:CPU otherwise fuses the
+    # head transposes into the two attention dots and runs them 2-2.5x slower.
+    heads = lambda t: jnp.transpose(t.reshape(n, length, self.num_heads, head_dim), (0, 2, 1, 3))
+    q, k, v = heads(proj("query")(x)), heads(proj("key")(x)), heads(proj("value")(x))
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) / np.float32(np.sqrt(head_dim))
     if self.gauss_width is not None:
       logits = logits * jnp.asarray(gaussian_prior(length, self.gauss_width))
     if key_mask is not None:
@@ -146,8 +148,8 @@ class MultiHeadAttention(nn.Module):
       logits = logits + key_log_size[:, None, None, :]
     probs = jax.nn.softmax(logits, axis=-1)
     probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
-    ctx = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
-    return ctx.reshape(n, length, dim)
+    ctx = jnp.matmul(probs, v)  # (N, H, L, d_h)
+    return jnp.transpose(ctx, (0, 2, 1, 3)).reshape(n, length, dim)
 
 
 class FeedForward(nn.Module):
