@@ -220,7 +220,10 @@ def _angle_sum_and_grad(sq_s: jax.Array, sq_t: jax.Array, query_valid: jax.Array
     grad = grad.at[safe].add(jnp.where(live[:, None], rows, 0.0))
     return (total, grad), None
 
-  init = (jnp.zeros((), sq_s.dtype), jnp.zeros_like(sq_s))
+  # The carry must carry every input's varying-ness inside shard_map (per-device TCPL scope),
+  # hence zeros derived from the inputs rather than constants.
+  seed = 0.0 * (sq_s[0, 0] + sq_t[0, 0] + query_valid[0].astype(sq_s.dtype))
+  init = (seed, jnp.zeros(sq_s.shape, sq_s.dtype) + seed)
   (total, grad), _ = lax.scan(body, init, _blocks(q, block))
   return total, grad
 
