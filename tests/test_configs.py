@@ -35,7 +35,8 @@ def test_every_config_has_the_run_keys_and_device_friendly_batches(name):
   cfg = importlib.import_module(f"configs.{name}").get_config()
   for key in ("seed", "data.root", "train.max_steps", "train.log_every", "train.checkpoint_every",
               "eval.every", "loss.use_tcpl", "loss.use_cbva", "loss.adaptive_cbva", "model.use_op_tome",
-              "loss.tcpl_scope"):
+              "loss.tcpl_scope", "text_tower.clip_dir", "text_tower.features",
+              "text_tower.trainable_blocks"):
     node = cfg
     for part in key.split("."):
       assert part in node, f"{name}: missing {key}"
@@ -44,6 +45,8 @@ def test_every_config_has_the_run_keys_and_device_friendly_batches(name):
     assert cfg.data[key] % 8 == 0, f"{name}: data.{key}={cfg.data[key]} does not run on 8 devices"
   # The synthetic demo uses the full MSC objective too (ablations switch it off explicitly).
   assert cfg.loss.use_tcpl and cfg.loss.use_cbva and cfg.loss.adaptive_cbva and cfg.model.use_op_tome
+  # By default queries are the dataset's extracted caption features, as the authors train.
+  assert cfg.text_tower.clip_dir == "" and cfg.text_tower.trainable_blocks == 0
 
 
 def test_uniform_clips_need_frames_divisible_by_clips():

@@ -418,6 +418,9 @@ def test_end_to_end_from_raw_videos(checkpoint, tmp_path, capsys):
     assert 0 <= line["start"] < line["end"] <= durations[line["video_id"]] + 1e-3
   for a, b in zip(lines[::2], lines[1::2]):
     assert a["score"] >= b["score"] and a["video_id"] != b["video_id"]
+  # A run trained on extracted caption features needs the CLIP they came from.
+  assert cli.main(["query", "--index", str(index), "a blue video"]) == 2
+  assert "trained on extracted caption features: pass --clip" in capsys.readouterr().err
   # Bad input through the command line: one line on stderr, status 2.
   narrow = _write_features(tmp_path / "narrow.h5", {"a": np.ones((3, 5))})
   assert cli.main(["index", "--workdir", str(run), "--features", str(narrow), "--out",
