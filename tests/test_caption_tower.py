@@ -286,6 +286,12 @@ def test_training_with_a_trainable_tower_then_search(clip_dir, tmp_path, capsys)
   assert all(np.isfinite(l["loss"]) and l["tcpl"] > 0 for l in lines if "split" not in l)
   assert 0 <= json.loads((run / "eval_test.json").read_text())["SumR"] <= 600
 
+  # Resuming with another tower setting is refused, naming the file and the setting.
+  config.text_tower.trainable_blocks = 2
+  with pytest.raises(ValueError, match=r"caption_tower.json: .* text_tower.trainable_blocks=2 \(the run "
+                                       r"has 1\)"):
+    train_and_evaluate(config, str(run), progress=False)
+
   # Restored without the CLIP directory: frozen parts and the teacher copy are CLIP's weights,
   # the trained top moved.
   (clip_dir / "model.safetensors").rename(clip_dir / "away.safetensors")

@@ -69,6 +69,11 @@ def resolve_caption_tower(config: ml_collections.ConfigDict, info: pipeline.Spli
     return None
   kept = caption_tower_lib.read_from_workdir(workdir)
   if kept is not None:
+    changed = [f"text_tower.{k}={getattr(t, k)!r} (the run has {getattr(kept, k)!r})"
+               for k in ("features", "trainable_blocks") if getattr(t, k) != getattr(kept, k)]
+    if changed:
+      raise ValueError(f"{os.path.join(workdir, caption_tower_lib.WORKDIR_FILE)}: this workdir's run "
+                       f"was built with another caption tower: {', '.join(changed)}; use a new workdir")
     return kept
   from prvr_jax.clip.config import read_config  # pylint: disable=import-outside-toplevel
 
