@@ -144,7 +144,7 @@ _squared_distances.defvjp(_squared_distances_fwd, _squared_distances_bwd)
 
 
 def _inverse_norms(sq_a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(1 / |x_j - x_a|, its derivative w.r.t. |x_j - x_a|^2) for a block of anchors.
+  """(u = 1 / |x_j - x_a|, (d u / d |x_j - x_a|^2) / u) for a block of anchors.
 
   A zero difference (j = a, or an exact duplicate row) has unit vector 0, like F.normalize in the
   reference; the `where`s keep sqrt's infinite slope at 0 out of the picture.
@@ -153,13 +153,14 @@ def _inverse_norms(sq_a: jax.Array) -> tuple[jax.Array, jax.Array]:
     sq_a: (b, Q) squared distances of the anchors to every row.
 
   Returns:
-    inv (b, Q), d inv / d sq_a (b, Q).
+    inv (b, Q) and the relative slope (b, Q): -inv^2 / 2, 0 where inv is constant (zero
+    differences, or the epsilon clamp).
   """
   zero = sq_a <= 0.0
   root = jnp.sqrt(jnp.where(zero, 1.0, sq_a))
   inv = jnp.where(zero, 0.0, 1.0 / jnp.maximum(root, NORMALIZE_EPS))
-  dinv = jnp.where(zero | (root <= NORMALIZE_EPS), 0.0, -0.5 * inv * inv * inv)
-  return inv, dinv
+  slope = jnp.where(zero | (root <= NORMALIZE_EPS), 0.0, -0.5 * inv * inv)
+  return inv, slope
 
 
 def _anchor_cosines(sq: jax.Array, anchors: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -172,12 +173,12 @@ def _anchor_cosines(sq: jax.Array, anchors: jax.Array) -> tuple[jax.Array, jax.A
     anchors: (b,) int anchor indices.
 
   Returns:
-    cosines (b, Q, Q), inv (b, Q) and d inv / d sq (b, Q) (see `_inverse_norms`).
+    cosines (b, Q, Q), inv (b, Q) and its relative slope (b, Q) (see `_inverse_norms`).
   """
   sq_a = sq[anchors]  # (b, Q)
   dots = 0.5 * (sq_a[:, :, None] + sq_a[:, None, :] - sq[None, :, :])
-  inv, dinv = _inverse_norms(sq_a)
-  return dots * inv[:, :, None] * inv[:, None, :], inv, dinv
+  inv, slope = _inverse_norms(sq_a)
+  return dots * inv[:, :, None] * inv[:, None, :], inv, slope
 
 
 def _angle_sum_and_grad(sq_s: jax.Array, sq_t: jax.Array, query_valid: jax.Array,
@@ -190,7 +191,7 @@ def _angle_sum_and_grad(sq_s: jax.Array, sq_t: jax.Array, query_valid: jax.Array
   j, k) and u = inv:
     d/d sq[j, k] (the opposite side)  = -1/2 sum_a G[a, j, k] u_aj u_ak
     d/d sq[a, j] (the anchor's sides) = sum_k G[a, j, k] u_aj u_ak + u'_aj / u_aj sum_k 2 G A
-  (the second term written with u' = d u / d sq, zero where u is).
+  (u' / u = -u^2 / 2 from `_inverse_norms`, zero where u is constant).
 
   Args:
     sq_s, sq_t: (Q, Q) student / teacher squared distances.
@@ -207,7 +208,7 @@ def _angle_sum_and_grad(sq_s: jax.Array, sq_t: jax.Array, query_valid: jax.Array
     total, grad = carry
     safe = jnp.minimum(idx, q - 1)
     live = (idx < q) & query_valid[safe]
-    a_s, u, du = _anchor_cosines(sq_s, safe)
+    a_s, u, slope = _anchor_cosines(sq_s, safe)
     a_t, _, _ = _anchor_cosines(sq_t, safe)
     mask = live[:, None, None] & pair[None]
     diff = a_s - a_t
@@ -215,8 +216,7 @@ def _angle_sum_and_grad(sq_s: jax.Array, sq_t: jax.Array, query_valid: jax.Array
     g = jnp.where(mask, jnp.clip(diff, -1.0, 1.0), 0.0)  # smooth_l1' (beta 1)
     h = g * u[:, :, None] * u[:, None, :]
     grad = grad - 0.5 * jnp.sum(h, axis=0)
-    ratio = jnp.where(u > 0, du / jnp.where(u > 0, u, 1.0), 0.0)
-    rows = jnp.sum(h, axis=2) + 2.0 * ratio * jnp.sum(g * a_s, axis=2)
+    rows = jnp.sum(h, axis=2) + 2.0 * slope * jnp.sum(g * a_s, axis=2)
     grad = grad.at[safe].add(jnp.where(live[:, None], rows, 0.0))
     return (total, grad), None
 
