@@ -65,7 +65,7 @@ def run(args: argparse.Namespace):
   from prvr_jax.clip.tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
   from prvr_jax.clip.video_features import ExtractError  # pylint: disable=import-outside-toplevel
 
-  tokenizer = ClipTokenizer(max_length=min(77, config.text.max_positions))
+  tokenizer = ClipTokenizer(max_length=config.text.context_length)
   if config.text.vocab_size < tokenizer.vocab_size:
     raise ExtractError(f"{args.clip}: text vocab_size {config.text.vocab_size} is smaller than the "
                        f"CLIP tokenizer's {tokenizer.vocab_size}: not a CLIP text tower")

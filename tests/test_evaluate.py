@@ -147,16 +147,22 @@ def test_ground_truth_outside_the_corpus_is_an_error():
     E.rank_queries(queries, corpus, video_chunk=2)
 
 
-@jax.jit
-def _full_matrix_split_ranks(params, frames, feat, mask, gt_mask, clip_w, frame_w):
-  """Ranks from full score matrices of a whole split encoded in one call, straight from the model."""
+def _model_video_tokens(params, frames):
+  """(clip tokens, frame tokens, prepared inputs) straight from the model's two branches."""
   model = MSCNet(TINY_MODEL)
   inputs = prepare_video_inputs(frames)
   clip = model.apply({"params": params}, inputs["clip_video_features"], inputs["merge_size"],
                      method=MSCNet.encode_clips)
   frame = model.apply({"params": params}, inputs["frame_video_features"], inputs["videos_mask"],
                       method=MSCNet.encode_frames)
-  query, _ = model.apply({"params": params}, feat, mask, method=MSCNet.encode_query)
+  return clip, frame, inputs
+
+
+@jax.jit
+def _full_matrix_split_ranks(params, frames, feat, mask, gt_mask, clip_w, frame_w):
+  """Ranks from full score matrices of a whole split encoded in one call, straight from the model."""
+  clip, frame, _ = _model_video_tokens(params, frames)
+  query, _ = MSCNet(TINY_MODEL).apply({"params": params}, feat, mask, method=MSCNet.encode_query)
   cs = max_token_scores(query, clip, normalize=True)
   fs = max_token_scores(query, frame, normalize=True)
   return {k: gt_ranks(s, gt_mask) for k, s in
@@ -222,12 +228,7 @@ def test_video_encoder_in_steps_equals_the_model(params):
   rng = np.random.default_rng(1)
   frames = rng.normal(size=(12, TINY_MODEL.num_frames, TINY_MODEL.visual_input_size)).astype(np.float32)
   clip, frame, spans = E.make_video_encoder(TINY_MODEL)(params, frames)
-  model = MSCNet(TINY_MODEL)
-  inputs = prepare_video_inputs(frames)
-  want_clip = model.apply({"params": params}, inputs["clip_video_features"], inputs["merge_size"],
-                          method=MSCNet.encode_clips)
-  want_frame = model.apply({"params": params}, inputs["frame_video_features"], inputs["videos_mask"],
-                           method=MSCNet.encode_frames)
+  want_clip, want_frame, inputs = _model_video_tokens(params, frames)
   unit = lambda t: t / np.linalg.norm(t, axis=-1, keepdims=True)
   np.testing.assert_allclose(clip, unit(np.asarray(want_clip)), atol=1e-5)
   np.testing.assert_allclose(frame, unit(np.asarray(want_frame)), atol=1e-5)

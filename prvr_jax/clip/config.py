@@ -12,6 +12,8 @@ import pathlib
 from typing import Any, Mapping
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+# CLIP's tokenizer context: BOS ... EOS in at most 77 ids (longer texts are truncated, EOS kept).
+CLIP_CONTEXT_LENGTH = 77
 
 
 class ClipConfigError(ValueError):
@@ -46,6 +48,12 @@ class TextConfig(TowerConfig):
   vocab_size: int = 49408
   max_positions: int = 77
   eos_token_id: int = 49407
+
+  @property
+  def context_length(self) -> int:
+    """Token ids per text (BOS ... EOS, padded): CLIP's 77, or fewer if the tower has fewer
+    positions."""
+    return min(CLIP_CONTEXT_LENGTH, self.max_positions)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ Images are NHWC float32, already CLIP-normalised (see preprocess.py).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -89,26 +89,69 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """num_layers EncoderLayers, named layers_0 ... layers_{n-1}."""
+  """EncoderLayers named layers_0 ... layers_{n-1}, run over any contiguous range of them.
+
+  Attributes:
+    cfg: the tower shape.
+    precision: matmul precision.
+    num_layers: layers held (None: cfg.num_layers).
+  """
 
   cfg: TowerConfig
   precision: Any = None
+  num_layers: Optional[int] = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """x: (N, L, D) -> (N, L, D)."""
-    for i in range(self.cfg.num_layers):
-      x = EncoderLayer(self.cfg, self.precision, name=f"layers_{i}")(x, mask)
+  def setup(self):
+    count = self.cfg.num_layers if self.num_layers is None else self.num_layers
+    self.layers = [EncoderLayer(self.cfg, self.precision) for _ in range(count)]
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None, start: int = 0,
+               stop: Optional[int] = None) -> jax.Array:
+    """x: (N, L, D) -> (N, L, D) after layers [start, stop) (default: all)."""
+    for layer in self.layers[start:stop]:
+      x = layer(x, mask)
     return x
 
 
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+  """(N, L) 1 on real tokens -> (N, 1, L, L) bool, True where a query may see a key."""
+  length = attention_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
 class TextTower(nn.Module):
-  """Token + position embeddings, causal encoder, final LayerNorm, EOS pooling."""
+  """Token + position embeddings, causal encoder, final LayerNorm, EOS pooling.
+
+  `embed`, `encoder` and `final_layer_norm` are also used one by one by the in-model caption
+  tower (prvr_jax/models/caption_tower.py), which runs the encoder in two ranges.
+  """
 
   cfg: TextConfig
   precision: Any = None
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    init = nn.initializers.normal(0.02)
+    self.token_embedding = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init)
+    self.position_embedding = self.param("position_embedding", init,
+                                         (cfg.max_positions, cfg.hidden_size))
+    self.encoder = Encoder(cfg, self.precision)
+    self.final_layer_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """(N, L) ids -> (N, L, D) token + position embeddings."""
+    return self.token_embedding(input_ids) + self.position_embedding[None, :input_ids.shape[1]]
+
+  def blocks(self, x: jax.Array, mask: jax.Array, start: int = 0,
+             stop: Optional[int] = None) -> jax.Array:
+    """Encoder layers [start, stop) on (N, L, D) states; mask from `causal_padding_mask`."""
+    return self.encoder(x, mask, start, stop)
+
+  def final(self, x: jax.Array) -> jax.Array:
+    """The final LayerNorm."""
+    return self.final_layer_norm(x)
+
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encodes token ids.
 
@@ -119,23 +162,14 @@ class TextTower(nn.Module):
     Returns:
       token states (N, L, D) after the final LayerNorm, pooled (N, D) at the EOS position.
     """
-    cfg = self.cfg
-    n, length = input_ids.shape
-    init = nn.initializers.normal(0.02)
-    tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="token_embedding")
-    pos = self.param("position_embedding", init, (cfg.max_positions, cfg.hidden_size))
-    x = tok(input_ids) + pos[None, :length]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
-    x = Encoder(cfg, self.precision, name="encoder")(x, mask)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_layer_norm")(x)
-    if cfg.eos_token_id == 2:
+    x = self.final(self.blocks(self.embed(input_ids), causal_padding_mask(attention_mask)))
+    if self.cfg.eos_token_id == 2:
       # Legacy configs (eos_token_id 2) pool at the largest id, which is EOS in CLIP's vocabulary;
       # transformers keeps that rule for them, and so do we.
       eos_pos = jnp.argmax(input_ids, axis=-1)
     else:
-      eos_pos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
-    pooled = x[jnp.arange(n), eos_pos]
+      eos_pos = jnp.argmax(input_ids == self.cfg.eos_token_id, axis=-1)
+    pooled = x[jnp.arange(x.shape[0]), eos_pos]
     return x, pooled
 
 

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional, Sequence
 import grain
 import numpy as np
 
+from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH
 from prvr_jax.data.preprocess import DEFAULT_LENGTH, l2_normalize, resample_to_fixed_length
 
 # Keys the jitted train step takes; the others are numpy bookkeeping. A model with an in-model
@@ -42,7 +43,8 @@ TRAIN_TEXT_KEYS = ("video_frames", "video_valid", "caption_ids", "caption_id_mas
                    "query_valid")
 VIDEO_EVAL_KEYS = ("video_frames", "video_valid")
 QUERY_EVAL_KEYS = ("text_feat", "text_mask", "query_valid")
-CLIP_MAX_TOKENS = 77  # CLIP's context length; the reference truncates captions to it
+# CLIP's context length; the reference truncates captions to it.
+CLIP_MAX_TOKENS = CLIP_CONTEXT_LENGTH
 # Epochs of an "unbounded" training pipeline (MapDataset needs a length).
 _UNBOUNDED_EPOCHS = 1_000_000
 _METADATA_KEY = "prvr"
@@ -312,6 +314,24 @@ def _caption_texts(record: Mapping[str, Any]) -> list[str]:
   return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in record["caption_texts"]]
 
 
+def _caption_inputs(record: Mapping[str, Any], chosen: Sequence[int], rows: int, max_tokens: int,
+                    dim: int, keep_eos: bool, tokenizer: Optional[CaptionTokenizer]
+                    ) -> dict[str, np.ndarray]:
+  """The model inputs of captions `chosen` of a decoded example, padded to `rows` captions.
+
+  Returns:
+    `text_feat` (rows, max_tokens, dim) / `text_mask` (rows, max_tokens) float32 token features,
+    or with a tokenizer `caption_ids` / `caption_id_mask` (rows, tokenizer.length) int32.
+  """
+  if tokenizer is None:
+    captions = split_captions(record)
+    feat, mask = _pad_captions([captions[c] for c in chosen], rows, max_tokens, dim, keep_eos)
+    return dict(text_feat=feat, text_mask=mask)
+  texts = _caption_texts(record)
+  ids, id_mask = tokenizer([texts[c] for c in chosen], rows)
+  return dict(caption_ids=ids, caption_id_mask=id_mask)
+
+
 class _TrainItem(grain.transforms.Map):
   """(record, valid, epoch) -> one video with up to C captions, padded to static shapes."""
 
@@ -324,20 +344,14 @@ class _TrainItem(grain.transforms.Map):
   def map(self, element):
     index, valid, epoch = element
     rec = self.source[index]
-    captions = split_captions(rec)
-    chosen = np.arange(len(captions))
-    if len(chosen) > self.max_captions:
+    num_captions = len(rec["caption_lengths"])
+    chosen = np.arange(num_captions)
+    if num_captions > self.max_captions:
       # A different seeded subset each epoch, so that over epochs every caption is used.
       rng = np.random.default_rng([self.seed, epoch, index, 1])
-      chosen = np.sort(rng.choice(len(captions), self.max_captions, replace=False))
-    if self.tokenizer is None:
-      feat, mask = _pad_captions([captions[c] for c in chosen], self.max_captions, self.max_tokens,
-                                 self.info.text_dim, self.keep_eos)
-      text = dict(text_feat=feat, text_mask=mask)
-    else:
-      texts = _caption_texts(rec)
-      ids, id_mask = self.tokenizer([texts[c] for c in chosen], self.max_captions)
-      text = dict(caption_ids=ids, caption_id_mask=id_mask)
+      chosen = np.sort(rng.choice(num_captions, self.max_captions, replace=False))
+    text = _caption_inputs(rec, chosen, self.max_captions, self.max_tokens, self.info.text_dim,
+                           self.keep_eos, self.tokenizer)
     query_valid = (np.arange(self.max_captions) < len(chosen)) & valid
     query_index = np.full((self.max_captions,), -1, np.int32)
     if valid:
@@ -385,16 +399,9 @@ class _EvalQuery(grain.transforms.Map):
   def map(self, element):
     query, valid, _ = element
     video = int(np.searchsorted(self.info.caption_offsets, query, side="right") - 1)
-    rec = self.source[video]
-    k = query - self.info.caption_offsets[video]
-    if self.tokenizer is None:
-      feat, mask = _pad_captions([split_captions(rec)[k]], 1, self.max_tokens, self.info.text_dim,
-                                 self.keep_eos)
-      text = dict(text_feat=feat[0], text_mask=mask[0])
-    else:
-      ids, id_mask = self.tokenizer([_caption_texts(rec)[k]], 1)
-      text = dict(caption_ids=ids[0], caption_id_mask=id_mask[0])
-    return dict(**text, query_valid=np.bool_(valid),
+    text = _caption_inputs(self.source[video], [query - self.info.caption_offsets[video]], 1,
+                           self.max_tokens, self.info.text_dim, self.keep_eos, self.tokenizer)
+    return dict(**{k: v[0] for k, v in text.items()}, query_valid=np.bool_(valid),
                 query_index=np.int32(query if valid else -1),
                 gt_video_index=np.int32(video if valid else -1))
 

@@ -32,13 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from prvr_jax.clip.config import TextConfig
-from prvr_jax.clip.model import EncoderLayer
+from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH, TextConfig
+from prvr_jax.clip.model import Encoder, TextTower, causal_padding_mask
 from prvr_jax.ops.video_inputs import data_l2_normalize
 
 FEATURES = ("projected", "hidden")
-# The CLIP tokenizer's context: captions longer than this are truncated, EOS kept.
-CLIP_CONTEXT = 77
 # Name of the tower's subtree in MSCNet's params.
 PARAMS_KEY = "caption_tower"
 
@@ -62,7 +60,7 @@ class CaptionTowerConfig:
   projection_dim: int
   features: str = "projected"
   trainable_blocks: int = 0
-  max_query_tokens: int = CLIP_CONTEXT
+  max_query_tokens: int = CLIP_CONTEXT_LENGTH
   truncate_keep_eos: bool = False
   source: str = ""
 
@@ -85,7 +83,7 @@ class CaptionTowerConfig:
   def context_length(self) -> int:
     """The tokenizer's length (BOS ... EOS, EOS kept when truncating): CLIP's 77, or the tower's
     positions if it has fewer (as `extract captions` tokenises)."""
-    return min(CLIP_CONTEXT, self.text.max_positions)
+    return self.text.context_length
 
   @property
   def token_length(self) -> int:
@@ -133,50 +131,6 @@ def caption_rows(states: jax.Array, attention_mask: jax.Array, max_tokens: int,
   return feat * mask[..., None], mask
 
 
-class _Blocks(nn.Module):
-  """CLIP encoder blocks named layers_0 ... layers_{count-1}, run over any contiguous range."""
-
-  cfg: TextConfig
-  count: int
-
-  def setup(self):
-    self.layers = [EncoderLayer(self.cfg) for _ in range(self.count)]
-
-  def __call__(self, x: jax.Array, mask: jax.Array, start: int = 0,
-               stop: Optional[int] = None) -> jax.Array:
-    """x: (N, L, D), mask (N, 1, L, L) bool -> (N, L, D) after blocks [start, stop)."""
-    for layer in self.layers[start:stop]:
-      x = layer(x, mask)
-    return x
-
-
-class _TextModel(nn.Module):
-  """The text tower's parameters under transformers' names (as `prvr_jax.clip.model.TextTower`)."""
-
-  cfg: TextConfig
-
-  def setup(self):
-    cfg = self.cfg
-    init = nn.initializers.normal(0.02)
-    self.token_embedding = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init)
-    self.position_embedding = self.param("position_embedding", init,
-                                         (cfg.max_positions, cfg.hidden_size))
-    self.encoder = _Blocks(cfg, cfg.num_layers)
-    self.final_layer_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps)
-
-  def embed(self, input_ids: jax.Array) -> jax.Array:
-    """(N, L) ids -> (N, L, D) token + position embeddings."""
-    return self.token_embedding(input_ids) + self.position_embedding[None, :input_ids.shape[1]]
-
-  def blocks(self, x: jax.Array, mask: jax.Array, start: int, stop: int) -> jax.Array:
-    """Blocks [start, stop) of the encoder."""
-    return self.encoder(x, mask, start, stop)
-
-  def final(self, x: jax.Array) -> jax.Array:
-    """The final LayerNorm."""
-    return self.final_layer_norm(x)
-
-
 class _FrozenTop(nn.Module):
   """An untouched copy of the tower's top: its last `count` blocks, final LayerNorm, projection."""
 
@@ -185,7 +139,7 @@ class _FrozenTop(nn.Module):
   projection_dim: Optional[int]
 
   def setup(self):
-    self.encoder = _Blocks(self.cfg, self.count)
+    self.encoder = Encoder(self.cfg, num_layers=self.count)
     self.final_layer_norm = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps)
     if self.projection_dim is not None:
       self.text_projection = nn.Dense(self.projection_dim, use_bias=False)
@@ -203,7 +157,7 @@ class CaptionTower(nn.Module):
   def setup(self):
     c = self.config
     projected = c.features == "projected"
-    self.text_model = _TextModel(c.text)
+    self.text_model = TextTower(c.text)
     if projected:
       self.text_projection = nn.Dense(c.projection_dim, use_bias=False)
     if c.trainable_blocks:
@@ -224,9 +178,7 @@ class CaptionTower(nn.Module):
     c = self.config
     n_layers = c.text.num_layers
     split = n_layers - c.trainable_blocks
-    length = input_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    mask = causal_padding_mask(attention_mask)
     # Frozen blocks: no gradient flows below this point, so none is computed for them.
     hidden = jax.lax.stop_gradient(
         self.text_model.blocks(self.text_model.embed(input_ids), mask, 0, split))

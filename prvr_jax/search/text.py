@@ -84,7 +84,7 @@ def load_text_tower(clip_dir: str | os.PathLike, kind: str = "projected",
   if kind not in TEXT_KINDS:
     raise SearchError(f"--text-kind must be one of {TEXT_KINDS}, got {kind!r}")
   config, params = load_clip(clip_dir, towers=("text",))
-  tokenizer = ClipTokenizer(max_length=min(77, config.text.max_positions))
+  tokenizer = ClipTokenizer(max_length=config.text.context_length)
   if config.text.vocab_size < tokenizer.vocab_size:
     raise SearchError(f"{clip_dir}: text vocab_size {config.text.vocab_size} is smaller than the "
                       f"CLIP tokenizer's {tokenizer.vocab_size}: not a CLIP text tower")
