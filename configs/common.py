@@ -25,7 +25,7 @@ def loss_section(margin: float = 0.1, clip_nce_weight: float = 0.05, frame_nce_w
   return ml_collections.ConfigDict(dict(
       margin=margin, clip_nce_weight=clip_nce_weight, frame_nce_weight=frame_nce_weight,
       hard_pool_size=20, use_tcpl=True, tcpl_distance_weight=15.0, tcpl_angle_weight=30.0,
-      tcpl_block_size=4, tcpl_scope="global", use_cbva=True, cbva_weight=0.1, adaptive_cbva=True, cbva_fixed_clips=32,
+      tcpl_tile_size=64, tcpl_scope="global", use_cbva=True, cbva_weight=0.1, adaptive_cbva=True, cbva_fixed_clips=32,
       sim_thr=sim_thr))
 
 

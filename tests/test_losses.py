@@ -105,12 +105,12 @@ def test_hard_triplet_matches_golden(golden, scores, key):
   np.testing.assert_allclose(float(value), float(golden[key]), **LOSS_TOL)
 
 
-def test_tcpl_terms_match_golden_for_any_block_size(golden):
+def test_tcpl_terms_match_golden_for_any_tile_size(golden):
   s, t = jnp.asarray(golden["out/video_query"]), jnp.asarray(golden["out/clip_query"])
   q = _ones(s.shape[0])
   np.testing.assert_allclose(float(RKD_D(s, t, q)), float(golden["loss_parts/rkd_distance"]), **LOSS_TOL)
-  for block in (3, 16, 64):  # 3 leaves a partial last block; 64 > Q is clipped to one block
-    np.testing.assert_allclose(float(RKD_A(s, t, q, block)), float(golden["loss_parts/rkd_angle"]), **LOSS_TOL)
+  for tile in (1, 3, 16, 64):  # 1: every tile a single entry; 3 pads Q; 64 > Q is one tile
+    np.testing.assert_allclose(float(RKD_A(s, t, q, tile)), float(golden["loss_parts/rkd_angle"]), **LOSS_TOL)
 
 
 def test_connectivity_and_clip_count_match_golden(golden):
@@ -232,7 +232,7 @@ def test_blocked_angle_equals_naive_values_and_gradients():
   q = _ones(s.shape[0])
   naive_val, naive_grad = jax.jit(jax.value_and_grad(_naive_angle))(s, t)
   ours = jax.jit(jax.value_and_grad(tcpl.rkd_angle, argnums=(0, 1)), static_argnums=3)
-  # Block 4 on 13 rows leaves a padded last block (block-size invariance: the golden test).
+  # Tile 4 on 13 rows pads the plane to 16 x 16 (tile-size invariance: the golden test).
   value, (grad_s, grad_t) = ours(s, t, q, 4)
   np.testing.assert_allclose(float(value), float(naive_val), rtol=1e-5)
   # Finite despite the exact duplicate (no sqrt'(0)); the near-duplicate's direction is
@@ -240,6 +240,23 @@ def test_blocked_angle_equals_naive_values_and_gradients():
   assert np.isfinite(np.asarray(grad_s)).all()
   np.testing.assert_allclose(np.asarray(grad_s), np.asarray(naive_grad), rtol=2e-3, atol=3e-5)
   assert np.abs(np.asarray(grad_t)).max() == 0.0  # teacher frozen
+
+
+@pytest.mark.parametrize("tile", [5, 8, 64])
+def test_tiled_angle_with_invalid_rows_equals_naive_on_the_valid_rows(tile):
+  # 29 rows with 6 invalid ones spread over several tiles (tile 5 / 8: 6 / 4 tiles per side, the
+  # last one padded), so the mirrored off-diagonal tiles and the padding are all exercised.
+  s, t = _angle_data(q=29, d=16, dt=12, seed=3)
+  valid = np.ones(29, bool)
+  valid[[0, 6, 7, 13, 22, 28]] = False
+  naive_val, naive_grad = jax.jit(jax.value_and_grad(_naive_angle))(s[valid], t[valid])
+  ours = jax.jit(jax.value_and_grad(tcpl.rkd_angle), static_argnums=3)
+  garbage = jnp.where(jnp.asarray(valid)[:, None], s, 1e6)  # invalid rows must not matter
+  value, grad = ours(garbage, t, jnp.asarray(valid), tile)
+  np.testing.assert_allclose(float(value), float(naive_val), rtol=1e-5)
+  grad = np.asarray(grad)
+  assert np.abs(grad[~valid]).max() == 0.0
+  np.testing.assert_allclose(grad[valid], np.asarray(naive_grad), rtol=2e-3, atol=3e-5)
 
 
 def _max_intermediate(jaxpr) -> int:
@@ -253,13 +270,13 @@ def _max_intermediate(jaxpr) -> int:
   return best
 
 
-def test_angle_memory_is_blocked_in_forward_and_backward():
-  q, d, block = 40, 24, 8
+def test_angle_memory_is_quadratic_in_forward_and_backward():
+  q, d, tile = 40, 24, 8
   s, t = np.ones((q, d), np.float32), np.ones((q, 6), np.float32)
-  grad = jax.make_jaxpr(jax.grad(lambda x: tcpl.rkd_angle(x, t, _ones(q), block)))(s)
-  # Nothing of size Q^3 or Q^2 D: the largest arrays are (block, Q, max(Q, D)) (and the
-  # scan's stacked (num_blocks, block, Q) = Q^2 outputs).
-  assert _max_intermediate(grad.jaxpr) <= block * q * max(q, d)
+  grad = jax.make_jaxpr(jax.grad(lambda x: tcpl.rkd_angle(x, t, _ones(q), tile)))(s)
+  # Nothing of size Q^3 or Q^2 D: the largest arrays are the (Q, Q) planes and the
+  # squared distances' (rows, Q, D) differences.
+  assert _max_intermediate(grad.jaxpr) <= max(q * q, tcpl._DISTANCE_ROWS * q * d)
 
 
 def test_distance_against_numpy():

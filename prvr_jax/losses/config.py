@@ -26,8 +26,9 @@ class LossConfig:
     use_tcpl: text-CLIP relational distillation on/off.
     tcpl_distance_weight: weight of the RKD distance term [rkd_d_coef].
     tcpl_angle_weight: weight of the RKD angle term [rkd_a_coef].
-    tcpl_block_size: anchors per block of the angle term (memory O(block * Q^2)); 4 was fastest
-      on a 2-core CPU at Q = 640 (blocks that stay in cache); accelerators may prefer more.
+    tcpl_tile_size: edge of the (j, k) tiles the angle term's planes are cut into (only tiles on
+      or above the diagonal are computed; memory O(Q^2)); 32 to 160 ran equally fast on a 2-core
+      CPU at Q = 640.
     tcpl_scope: with the batch split over n devices, 'global' distils over all Q queries of the
       global batch (equal to one device; every device computes the O(Q^3) angle term), 'device'
       over each device's Q/n queries (O((Q/n)^3) each, averaged over devices; a different loss).
@@ -45,7 +46,7 @@ class LossConfig:
   use_tcpl: bool = True
   tcpl_distance_weight: float = 15.0
   tcpl_angle_weight: float = 30.0
-  tcpl_block_size: int = 4
+  tcpl_tile_size: int = 64
   tcpl_scope: str = "global"
   use_cbva: bool = True
   cbva_weight: float = 0.1
@@ -58,6 +59,8 @@ class LossConfig:
       raise ValueError(f"loss.cbva_fixed_clips must be one of 32, 20, 12, 8, 5; got {self.cbva_fixed_clips}")
     if self.tcpl_scope not in ("global", "device"):
       raise ValueError(f"loss.tcpl_scope must be 'global' or 'device'; got {self.tcpl_scope!r}")
+    if self.tcpl_tile_size < 1:
+      raise ValueError(f"loss.tcpl_tile_size must be >= 1; got {self.tcpl_tile_size}")
     if self.hard_pool_size < 1:
       raise ValueError(f"loss.hard_pool_size must be >= 1; got {self.hard_pool_size}")
 

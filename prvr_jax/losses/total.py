@@ -83,7 +83,7 @@ def tcpl_terms(video_query: jax.Array, teacher: jax.Array, q_valid: jax.Array,
     zero = jnp.zeros((), jnp.float32)
     return dict(tcpl_distance=zero, tcpl_angle=zero, tcpl=zero)
   distance = tcpl.rkd_distance(video_query, teacher, q_valid)
-  angle = tcpl.rkd_angle(video_query, teacher, q_valid, cfg.tcpl_block_size)
+  angle = tcpl.rkd_angle(video_query, teacher, q_valid, cfg.tcpl_tile_size)
   return dict(tcpl_distance=distance, tcpl_angle=angle,
               tcpl=cfg.tcpl_distance_weight * distance + cfg.tcpl_angle_weight * angle)
 
