@@ -193,6 +193,30 @@ def test_op_tome_other_schedules(n, targets):
       np.testing.assert_array_equal(res.level_labels[level][b], lab)
 
 
+def test_op_tome_scores_in_several_lane_chunks():
+  # D a multiple of the partial-sum lanes, as for the 768-d CLIP frames: each pair score is summed
+  # over several chunks of D before the lanes are added.
+  targets = (80, 52, 32)
+  frames = _random_frames(3, bsz=2, d=2 * tome._DOT_LANES)
+  res = OP_TOME(jnp.asarray(frames), targets)
+  _check_op_tome_invariants(frames, res, targets)
+  for b in range(2):
+    for level, (_, size, lab) in enumerate(_loop_op_tome(frames[b], targets)):
+      np.testing.assert_array_equal(res.level_sizes[level][b], size)
+      np.testing.assert_array_equal(res.level_labels[level][b], lab)
+
+
+def test_op_tome_tokens_gradient():
+  # The merge decisions are constants for autodiff: d(sum of tokens) / d(frame) = 1 / size of the
+  # frame's token.
+  targets = (12, 8, 6)
+  frames = jnp.asarray(_random_frames(4, bsz=2, n=16, d=2 * tome._DOT_LANES))
+  grad = jax.jit(jax.grad(lambda v: tome.op_tome(v, targets).tokens.sum()))(frames)
+  res = OP_TOME(frames, targets)
+  expected = 1.0 / np.take_along_axis(np.asarray(res.sizes), np.asarray(res.labels), axis=1)
+  np.testing.assert_allclose(grad, np.broadcast_to(expected[..., None], frames.shape), rtol=1e-6)
+
+
 def test_op_tome_ties_take_earliest_pairs():
   # Constant input: every pair scores the same; the stable order merges the first N - T pairs.
   res = OP_TOME(jnp.ones((1, 8, 3)), (5,))

@@ -26,6 +26,10 @@ from jax import lax
 _METRIC_EPS = 1e-12
 OP_TOME_TARGETS: tuple[int, ...] = (80, 52, 32)
 CBVA_LEVELS: tuple[int, ...] = (20, 12, 8, 5)
+# Lanes of the partial sums of an OP-ToMe pair score (see `_pair_dots`); D = 768 and D = 96 are
+# multiples. Chosen by measurement on XLA:CPU: with 48 lanes the third round compiles to a loop
+# twice as slow.
+_DOT_LANES = 96
 
 
 class OpTomeResult(NamedTuple):
@@ -117,6 +121,25 @@ def _first_of_each_output(keep: jax.Array, num_out: int) -> jax.Array:
   return jnp.sum(rank[:, None, :] < targets[None, :, None], axis=-1, dtype=jnp.int32)
 
 
+def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """Rows of each video's frames.
+
+  Args:
+    x: (B, N, D) frames.
+    rows: (B, ...) int32 row indices, each in [0, N).
+
+  Returns:
+    (B, ..., D). One gather on the flattened frames with in-bounds indices: take_along_axis would
+    also normalise negative indices and fill out-of-range ones for every gathered element, which
+    costs more than the load itself inside the fusions below.
+  """
+  bsz, n, d = x.shape
+  offsets = (jnp.arange(bsz, dtype=rows.dtype) * n).reshape((bsz,) + (1,) * (rows.ndim - 1))
+  dims = lax.GatherDimensionNumbers(offset_dims=(rows.ndim,), collapsed_slice_dims=(0,), start_index_map=(0,))
+  return lax.gather(x.reshape(bsz * n, d), (rows + offsets)[..., None], dims, (1, d),
+                    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 def _span_sums(x: jax.Array, start: jax.Array, length: jax.Array, max_len: int) -> jax.Array:
   """Sum of the frames of each span, gathered straight from the frames.
 
@@ -127,25 +150,92 @@ def _span_sums(x: jax.Array, start: jax.Array, length: jax.Array, max_len: int) 
     max_len: static upper bound of `length`.
 
   Returns:
-    (B, T, D) sums. XLA fuses the gathers into their consumer, so only the result is written.
+    (B, T, D) sums, frames added in time order (then zeros up to max_len). XLA fuses the gathers
+    into their consumer, so only the consumer's result is written.
   """
   n0 = x.shape[1]
   total = None
   for m in range(max_len):  # trace-time unroll over the (<= 8) offsets inside a span
-    rows = jnp.take_along_axis(x, jnp.minimum(start + m, n0 - 1)[..., None], axis=1)
+    rows = _gather_rows(x, jnp.minimum(start + m, n0 - 1))
     rows = jnp.where((m < length)[..., None], rows, 0.0)
     total = rows if total is None else total + rows
   return total
 
 
+def _add_in_loop(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a + b as a reducer that XLA:CPU keeps in the fusion of its operand.
+
+  XLA:CPU hands every reduce whose reducer is exactly `a + b` to YNNPACK, which needs the operand
+  written to memory first: for the pair products that is a (B, P, D) array written and read back
+  per round. This reducer computes the same sum but does not match that pattern (the two adds are
+  deliberate: a select of one value with itself is simplified back to the plain add), so the
+  partial sums are computed while the frames are read. Only speed depends on this.
+  """
+  return jnp.where(a == a, a + b, a + b)
+
+
+def _pair_dots(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Dot products of matching rows of a and b.
+
+  The D products are first summed lane-wise over the D / _DOT_LANES chunks (in chunk order), then
+  the _DOT_LANES partial sums are added. The first step runs inside the fusion that reads or
+  gathers the rows, so no (B, P, D) array is written. The result is the same float32 dot product
+  as a plain sum over D up to rounding (the summation order differs; for D <= _DOT_LANES it is
+  the plain sum).
+
+  Args:
+    a: (B, P, D) float32.
+    b: (B, P, D) float32.
+
+  Returns:
+    (B, P) float32.
+  """
+  prod = a * b
+  d = prod.shape[-1]
+  lanes = _DOT_LANES if d % _DOT_LANES == 0 else d
+  chunks = prod.reshape(prod.shape[:-1] + (d // lanes, lanes))
+  partial = lax.reduce(chunks, jnp.float32(0), _add_in_loop, (chunks.ndim - 2,))
+  return jnp.sum(partial, axis=-1)
+
+
+def _compact(keep: jax.Array, values: tuple[jax.Array, ...],
+             num_out: int) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """Keeps the rows where `keep`, in order.
+
+  Args:
+    keep: (B, N) bool, exactly `num_out` True per row.
+    values: int32 arrays (B, N), compacted together.
+    num_out: static output length.
+
+  Returns:
+    (the values at the kept rows, each (B, num_out); dest (B, N) int32, the output row of each
+    input row, i.e. of the last kept row at or before it).
+  """
+  n = keep.shape[1]
+  dest = jnp.cumsum(keep.astype(jnp.int32), axis=-1) - 1
+  # A scatter to the kept rows' own slots (each written once) is far cheaper on CPU than finding
+  # each output's source row by an (N x num_out) compare-and-count. Dropped rows get distinct
+  # out-of-range slots so that every index stays unique.
+  slot = jnp.where(keep, dest, num_out + jnp.arange(n, dtype=jnp.int32))
+
+  def one(video_slot, video_values):
+    # Zeros taken from the values, so they carry the same varying axes inside shard_map.
+    out = jnp.zeros_like(video_values[:num_out])
+    return out.at[video_slot].set(video_values, mode="drop", unique_indices=True)
+
+  out = jax.vmap(one)(slot, jnp.stack(values, axis=-1))
+  return tuple(out[..., i] for i in range(len(values))), dest
+
+
 def _op_tome_round(x: jax.Array, start: jax.Array, length: jax.Array, max_len: int,
-                   target: int) -> tuple[jax.Array, jax.Array]:
+                   target: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One OP-ToMe round N -> target on tokens described by their frame spans.
 
   A token after any round is the mean of the frames it covers (a size-weighted mean of means is
   the mean of the union), so a pair's score a.b is (sum_a . sum_b) / (n_a n_b), computed from the
   frames directly. Only (B, N) integers are carried between rounds: no token array is written
-  until the end, which is what makes this fast (the op is memory-bound).
+  until the end, and each round reads the frames once, writing only (B, P, _DOT_LANES) partial
+  sums.
 
   Args:
     x: (B, N0, D) frames.
@@ -155,18 +245,22 @@ def _op_tome_round(x: jax.Array, start: jax.Array, length: jax.Array, max_len: i
     target: static output length.
 
   Returns:
-    (start (B, target), length (B, target)) of the merged tokens.
+    (start (B, target), length (B, target)) of the merged tokens, and (B, N) int32 the merged token
+    of each current token.
   """
   bsz, n = start.shape
   p = n // 2
   d = x.shape[-1]
-  # Token sums (first round: the frames themselves), then a pair's dot product as a product over
-  # the pair axis reduced over D: on CPU this reads the sums once, whereas slicing even and odd
-  # rows first makes XLA copy both halves.
-  sums = x if max_len == 1 else _span_sums(x, start, length, max_len)
-  dots = jnp.sum(jnp.prod(sums.reshape(bsz, p, 2, d), axis=2), axis=-1)
+  # The scores only choose which pairs merge: no gradient flows through them.
+  x = lax.stop_gradient(x)
+  if max_len == 1:  # first round: the tokens are the frames (the slices fuse into the dot's loop)
+    pairs = x.reshape(bsz, p, 2, d)
+    sum_a, sum_b = pairs[:, :, 0], pairs[:, :, 1]
+  else:
+    sum_a = _span_sums(x, start[:, 0::2], length[:, 0::2], max_len)
+    sum_b = _span_sums(x, start[:, 1::2], length[:, 1::2], max_len)
   n_a, n_b = length[:, 0::2], length[:, 1::2]
-  score = dots / (n_a * n_b).astype(x.dtype)  # (B, P)
+  score = _pair_dots(sum_a, sum_b) / (n_a * n_b).astype(x.dtype)  # (B, P)
   # Rank of each pair in a stable descending sort: strictly better pairs, plus equal ones to the
   # left. The reference merges the N - target best pairs; stable ties are the natural choice
   # (its own torch.argsort is unstable, the golden data has no ties).
@@ -175,17 +269,10 @@ def _op_tome_round(x: jax.Array, start: jax.Array, length: jax.Array, max_len: i
   merged = jnp.sum(better | tie_left, axis=-1) < (n - target)  # (B, P)
   # Per input token: the span it opens if it starts an output token (a merged pair's second
   # token never does).
-  row_start = start
   row_len = jnp.stack([jnp.where(merged, n_a + n_b, n_a), n_b], axis=2).reshape(bsz, n)
   keep = jnp.stack([jnp.ones_like(merged), ~merged], axis=2).reshape(bsz, n)
-  src = _first_of_each_output(keep, target)
-  return jnp.take_along_axis(row_start, src, axis=1), jnp.take_along_axis(row_len, src, axis=1)
-
-
-def _labels_from_starts(start: jax.Array, num_frames: int) -> jax.Array:
-  """Frame -> token labels of contiguous, ordered spans. (B, T) starts -> (B, F) int32."""
-  frames = jnp.arange(num_frames, dtype=jnp.int32)
-  return jnp.sum(start[:, None, :] <= frames[None, :, None], axis=-1, dtype=jnp.int32) - 1
+  (new_start, new_length), dest = _compact(keep, (start, row_len), target)
+  return new_start, new_length, dest
 
 
 def op_tome(x: jax.Array, targets: tuple[int, ...] = OP_TOME_TARGETS) -> OpTomeResult:
@@ -216,11 +303,14 @@ def op_tome(x: jax.Array, targets: tuple[int, ...] = OP_TOME_TARGETS) -> OpTomeR
   length = jnp.ones((bsz, n0), jnp.int32)
   max_len = 1
   level_sizes, level_labels = [], []
+  labels = None
   for target in targets:  # trace-time loop: the shapes change per level
-    start, length = _op_tome_round(x, start, length, max_len, target)
+    start, length, dest = _op_tome_round(x, start, length, max_len, target)
     max_len *= 2
     level_sizes.append(length.astype(jnp.float32))
-    level_labels.append(_labels_from_starts(start, n0))
+    # A frame's token after this round is the merged token of its token before it.
+    labels = dest if labels is None else jnp.take_along_axis(dest, labels, axis=1)
+    level_labels.append(labels)
   tokens = _span_sums(x, start, length, max_len) / length[..., None].astype(jnp.float32)
   spans = jnp.stack([start, start + length], axis=-1)
   return OpTomeResult(tokens, level_sizes[-1], level_labels[-1], spans, tuple(level_sizes),
