@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prvr_jax.models.dropout import Dropout
 from prvr_jax.models.layers import (MASKED_LOGIT_BIAS, FeedForward, Linear, LinearParams,
                                     TransformerLayer, layer_norm)
 
@@ -49,16 +50,16 @@ class WeightTokenAttention(nn.Module):
     if key_mask is not None:
       logits = logits + ((1.0 - key_mask) * MASKED_LOGIT_BIAS)[:, None, None, :]
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+    probs = Dropout(self.dropout)(probs, deterministic=deterministic)
     pooled = jnp.stack([jnp.einsum("nhl,nli->nhi", probs[:, k], b) for k, b in enumerate(branches)],
                        axis=1)  # (N, K, H, D)
     ctx = jnp.einsum("nkhi,ihd->nkhd", pooled, wv.reshape(dim, heads, head_dim))
     ctx = ctx + bv.reshape(heads, head_dim) * probs.sum(-1)[..., None]
     ctx = ctx.reshape(ctx.shape[:2] + (dim,))
-    ctx = nn.Dropout(self.dropout)(ctx, deterministic=deterministic)
+    ctx = Dropout(self.dropout)(ctx, deterministic=deterministic)
     x = layer_norm("norm1")(token + ctx)
     ffn = FeedForward(dim, self.dropout, self.initializer_range, name="ffn")(x, deterministic)
-    ffn = nn.Dropout(self.dropout)(ffn, deterministic=deterministic)
+    ffn = Dropout(self.dropout)(ffn, deterministic=deterministic)
     return layer_norm("norm2")(x + ffn)
 
 
@@ -98,7 +99,7 @@ class DyGMMBlock(nn.Module):
                                   name="mixer_attention")(weight_token, outs, key_mask,
                                                           deterministic)
     h = nn.relu(Linear(x.shape[-1], initializer_range=self.initializer_range, name="mixer1")(tokens))
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Dropout(self.dropout)(h, deterministic=deterministic)
     mix_logits = Linear(self.length, initializer_range=self.initializer_range, name="mixer2")(h)
     self.sow("intermediates", "mix_logits", mix_logits)  # (N, K, L)
     weights = jax.nn.softmax(jnp.swapaxes(mix_logits, 1, 2) / self.sft_factor, axis=-1)  # (N, L, K)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prvr_jax.models.dropout import Dropout
+
 LAYER_NORM_EPS = 1e-5
 # Additive logit bias of masked keys; the reference uses -1e4, not -inf, and parity depends on it.
 MASKED_LOGIT_BIAS = -10000.0
@@ -77,7 +79,7 @@ class InputProjection(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     x = layer_norm("layer_norm")(x)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = Dropout(self.dropout)(x, deterministic=deterministic)
     x = Linear(self.features, initializer_range=self.initializer_range, name="linear")(x)
     return nn.relu(x)
 
@@ -99,7 +101,7 @@ class PositionalEmbedding(nn.Module):
       raise ValueError(f"sequence length {length} exceeds the positional table size {self.max_len}")
     table = self.param("embedding", normal_init(self.initializer_range), (self.max_len, dim))
     x = layer_norm("layer_norm")(x + table[:length])
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    return Dropout(self.dropout)(x, deterministic=deterministic)
 
 
 def gaussian_prior(length: int, width: float) -> np.ndarray:
@@ -147,7 +149,7 @@ class MultiHeadAttention(nn.Module):
     if key_log_size is not None:
       logits = logits + key_log_size[:, None, None, :]
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+    probs = Dropout(self.dropout)(probs, deterministic=deterministic)
     ctx = jnp.matmul(probs, v)  # (N, H, L, d_h)
     return jnp.transpose(ctx, (0, 2, 1, 3)).reshape(n, length, dim)
 
@@ -162,7 +164,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     h = nn.relu(Linear(self.hidden, initializer_range=self.initializer_range, name="layer1")(x))
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Dropout(self.dropout)(h, deterministic=deterministic)
     return Linear(x.shape[-1], initializer_range=self.initializer_range, name="layer2")(h)
 
 
@@ -184,9 +186,9 @@ class TransformerLayer(nn.Module):
     att = MultiHeadAttention(self.num_heads, self.dropout, self.gauss_width,
                              self.initializer_range, name="attention")(
                                  x, key_mask, key_log_size, deterministic)
-    att = nn.Dropout(self.dropout)(att, deterministic=deterministic)
+    att = Dropout(self.dropout)(att, deterministic=deterministic)
     x = layer_norm("norm1")(x + att)
     ffn = FeedForward(self.ffn_multiplier * x.shape[-1], self.dropout, self.initializer_range,
                       name="ffn")(x, deterministic)
-    ffn = nn.Dropout(self.dropout)(ffn, deterministic=deterministic)
+    ffn = Dropout(self.dropout)(ffn, deterministic=deterministic)
     return layer_norm("norm2")(x + ffn)
