@@ -21,6 +21,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from prvr_jax.utils import host_memory
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "synthetic.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Base config.")
@@ -100,4 +102,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from prvr_jax.losses.config import LossConfig
 from prvr_jax.models.config import ModelConfig
+from prvr_jax.utils import host_memory
 
 # The reference TVR setting.
 TVR_MODEL = ModelConfig()  # D=384, 4 heads, 768-d inputs, 32 clips, 128 frames
@@ -37,10 +38,22 @@ CAPTIONS_PER_VIDEO = 5
 CAPTION_TOKENS = 20
 
 
+def _cpu_model() -> str:
+  """The CPU's model name (Linux), else the platform's processor string."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def _machine() -> dict[str, Any]:
   return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
               device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-              jax=jax.__version__)
+              cpu=_cpu_model(), jax=jax.__version__, huge_page_malloc=host_memory.huge_pages_active())
 
 
 def time_call(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -283,4 +296,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   sys.exit(main())

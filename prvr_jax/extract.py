@@ -21,6 +21,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from prvr_jax.utils import host_memory
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m prvr_jax.extract", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -97,4 +100,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   sys.exit(main())

@@ -3,6 +3,8 @@
 import sys
 
 from prvr_jax.search.cli import main
+from prvr_jax.utils import host_memory
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   sys.exit(main())

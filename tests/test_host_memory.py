@@ -1,0 +1,42 @@
+"""Huge-page malloc re-exec of the entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prvr_jax.utils import host_memory
+
+
+def test_environment_adds_the_tunable_once_and_respects_opt_out(monkeypatch):
+  monkeypatch.setattr(host_memory, "_thp_available", lambda: True)
+  monkeypatch.setattr(host_memory.sys, "platform", "linux")
+  monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  env = host_memory.huge_page_environment({"PATH": "/bin"})
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  # Other tunables are kept.
+  env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  # Already set (the re-executed process itself), or opted out: nothing to do.
+  assert host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  assert host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
+  assert host_memory.huge_page_environment({"PRVR_JAX_HUGE_PAGES": "0"}) is None
+  monkeypatch.setattr(host_memory, "_thp_available", lambda: False)
+  assert host_memory.huge_page_environment({}) is None
+
+
+@pytest.mark.skipif(host_memory.huge_page_environment({}) is None,
+                    reason="no glibc / transparent huge pages here")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_bench_entry_point_reexecs_with_huge_pages(opt_out):
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if opt_out:
+    env["PRVR_JAX_HUGE_PAGES"] = "0"
+  out = subprocess.run([sys.executable, "-m", "prvr_jax.bench", "tome", "--batch", "2", "--repeats", "1"],
+                       env=env, capture_output=True, text=True, check=True, timeout=300)
+  (record,) = [json.loads(line) for line in out.stdout.splitlines()]
+  assert record["machine"]["huge_page_malloc"] is (not opt_out)
