@@ -37,6 +37,27 @@ def fused_scores(clip_scores: jax.Array, frame_scores: jax.Array, clip_weight: f
   return clip_weight * clip_scores + frame_weight * frame_scores
 
 
+def _raw_and_cosine_scores(queries: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`max_token_scores` with normalize False and True from one product.
+
+  cos(q, t) = (q . t) / (max(|q|, eps) max(|t|, eps)) is exactly F.normalize-then-dot up to
+  rounding, so the (Q, B, L) dot products (and, in the backward pass, their two matmuls) are
+  computed once for both matrices instead of twice: the score matmuls were most of the backbone
+  losses' cost at B = 128 (640 queries x 128 videos x 128 frames).
+
+  Args:
+    queries: (Q, D); tokens: (B, L, D), masked tokens zero.
+
+  Returns:
+    (raw (Q, B), cosine (Q, B)).
+  """
+  dots = jnp.einsum("qd,bld->qbl", queries, tokens)
+  q_norm = jnp.maximum(jnp.sqrt(jnp.sum(queries * queries, axis=-1)), NORMALIZE_EPS)
+  t_norm = jnp.maximum(jnp.sqrt(jnp.sum(tokens * tokens, axis=-1)), NORMALIZE_EPS)
+  cosine = dots / (q_norm[:, None, None] * t_norm[None])
+  return jnp.max(dots, axis=-1), jnp.max(cosine, axis=-1)
+
+
 def training_scores(video_query: jax.Array, clip_tokens: jax.Array,
                     frame_tokens: jax.Array) -> dict[str, jax.Array]:
   """The four (Q, B) score matrices of the training losses.
@@ -50,9 +71,7 @@ def training_scores(video_query: jax.Array, clip_tokens: jax.Array,
     `clip_scale_scores` / `frame_scale_scores` (cosine, for the triplet losses) and
     `clip_scale_scores_` / `frame_scale_scores_` (raw dot products, for the NCE losses).
   """
-  return dict(
-      clip_scale_scores=max_token_scores(video_query, clip_tokens, normalize=True),
-      clip_scale_scores_=max_token_scores(video_query, clip_tokens, normalize=False),
-      frame_scale_scores=max_token_scores(video_query, frame_tokens, normalize=True),
-      frame_scale_scores_=max_token_scores(video_query, frame_tokens, normalize=False),
-  )
+  clip_raw, clip_cos = _raw_and_cosine_scores(video_query, clip_tokens)
+  frame_raw, frame_cos = _raw_and_cosine_scores(video_query, frame_tokens)
+  return dict(clip_scale_scores=clip_cos, clip_scale_scores_=clip_raw,
+              frame_scale_scores=frame_cos, frame_scale_scores_=frame_raw)
