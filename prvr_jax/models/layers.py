@@ -38,7 +38,10 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", normal_init(self.initializer_range), (x.shape[-1], self.features))
-    y = jnp.dot(x, kernel)
+    # A 2-D product: autodiff then forms the kernel gradient as one (rows, in)^T (rows, out) dot,
+    # which XLA:CPU runs without copies. With the leading axes kept, it first transposes the
+    # (N, L, in) activations to (in, N*L) in a slow strided loop (about 15% of the B=128 step).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + (self.features,))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     return y
