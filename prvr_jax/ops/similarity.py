@@ -37,13 +37,27 @@ def fused_scores(clip_scores: jax.Array, frame_scores: jax.Array, clip_weight: f
   return clip_weight * clip_scores + frame_weight * frame_scores
 
 
+def _norms(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(|x|, max(|x|, eps)) over the last axis. (..., D) -> (...,) x 2."""
+  length = jnp.sqrt(jnp.sum(x * x, axis=-1))
+  return length, jnp.maximum(length, NORMALIZE_EPS)
+
+
+def _max_and_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Max over the last axis and its first index. (..., L) -> (...,) f32, (...,) int32."""
+  index = jnp.argmax(x, axis=-1).astype(jnp.int32)
+  return jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0], index
+
+
+@jax.custom_vjp
 def _raw_and_cosine_scores(queries: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`max_token_scores` with normalize False and True from one product.
 
   cos(q, t) = (q . t) / (max(|q|, eps) max(|t|, eps)) is exactly F.normalize-then-dot up to
-  rounding, so the (Q, B, L) dot products (and, in the backward pass, their two matmuls) are
-  computed once for both matrices instead of twice: the score matmuls were most of the backbone
-  losses' cost at B = 128 (640 queries x 128 videos x 128 frames).
+  rounding, so the (Q, B, L) dot products are computed once for both matrices. The gradient is
+  written by hand (`_scores_bwd`): it goes to the maximising token only, as torch's `max(dim)`
+  routes it, so no (Q, B, L) array but the product itself and the cotangent it receives is
+  ever formed (autodiff built five more: broadcast norms, the cosine, two tie masks).
 
   Args:
     queries: (Q, D); tokens: (B, L, D), masked tokens zero.
@@ -51,11 +65,46 @@ def _raw_and_cosine_scores(queries: jax.Array, tokens: jax.Array) -> tuple[jax.A
   Returns:
     (raw (Q, B), cosine (Q, B)).
   """
-  dots = jnp.einsum("qd,bld->qbl", queries, tokens)
-  q_norm = jnp.maximum(jnp.sqrt(jnp.sum(queries * queries, axis=-1)), NORMALIZE_EPS)
-  t_norm = jnp.maximum(jnp.sqrt(jnp.sum(tokens * tokens, axis=-1)), NORMALIZE_EPS)
-  cosine = dots / (q_norm[:, None, None] * t_norm[None])
-  return jnp.max(dots, axis=-1), jnp.max(cosine, axis=-1)
+  return _scores_fwd(queries, tokens)[0]
+
+
+def _scores_fwd(queries: jax.Array, tokens: jax.Array):
+  flat = tokens.reshape(-1, tokens.shape[-1])
+  dots = jnp.dot(queries, flat.T).reshape(queries.shape[0], *tokens.shape[:2])  # (Q, B, L)
+  q_len, q_norm = _norms(queries)
+  t_len, t_norm = _norms(tokens)
+  raw, raw_index = _max_and_index(dots)
+  # |q| is the same for every token of a row: the cosine's argmax is that of dots / |t|.
+  scaled, cos_index = _max_and_index(dots / t_norm[None])
+  cosine = scaled / q_norm[:, None]
+  residuals = (queries, tokens, q_len, q_norm, t_len, t_norm, raw_index, cos_index, cosine)
+  return (raw, cosine), residuals
+
+
+def _scores_bwd(residuals, cotangents):
+  queries, tokens, q_len, q_norm, t_len, t_norm, raw_index, cos_index, cosine = residuals
+  g_raw, g_cos = cotangents
+  num_tokens = tokens.shape[1]
+  positions = jnp.arange(num_tokens, dtype=jnp.int32)
+  at_raw = raw_index[..., None] == positions  # (Q, B, L)
+  at_cos = cos_index[..., None] == positions
+  # cos = dot / (|q|' |t|'): d/d dot = 1 / (|q|' |t|'), d/d |q|' = -cos / |q|', d/d |t|' likewise.
+  d_dots = (jnp.where(at_raw, g_raw[..., None], 0.0)
+            + jnp.where(at_cos, (g_cos / q_norm[:, None])[..., None] / t_norm[None], 0.0))
+  g_cos_scaled = g_cos * cosine
+  d_q_norm = -jnp.sum(g_cos_scaled, axis=1) / q_norm  # (Q,)
+  d_t_norm = -jnp.sum(jnp.where(at_cos, g_cos_scaled[..., None], 0.0), axis=0) / t_norm  # (B, L)
+  flat = tokens.reshape(-1, tokens.shape[-1])
+  d_flat = d_dots.reshape(d_dots.shape[0], -1)  # (Q, B*L)
+  d_queries = jnp.dot(d_flat, flat)
+  d_tokens = jnp.dot(d_flat.T, queries).reshape(tokens.shape)
+  # max(|x|, eps) passes the gradient on only where |x| > eps; d|x|/dx = x / |x|.
+  q_scale = jnp.where(q_len > NORMALIZE_EPS, d_q_norm / jnp.maximum(q_len, NORMALIZE_EPS), 0.0)
+  t_scale = jnp.where(t_len > NORMALIZE_EPS, d_t_norm / jnp.maximum(t_len, NORMALIZE_EPS), 0.0)
+  return (d_queries + q_scale[:, None] * queries, d_tokens + t_scale[..., None] * tokens)
+
+
+_raw_and_cosine_scores.defvjp(_scores_fwd, _scores_bwd)
 
 
 def training_scores(video_query: jax.Array, clip_tokens: jax.Array,
