@@ -53,7 +53,8 @@ def _cpu_model() -> str:
 def _machine() -> dict[str, Any]:
   return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
               device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-              cpu=_cpu_model(), jax=jax.__version__, huge_page_malloc=host_memory.huge_pages_active())
+              cpu=_cpu_model(), jax=jax.__version__, huge_page_malloc=host_memory.huge_pages_active(),
+              malloc_tunables=host_memory.malloc_tunables())
 
 
 def time_call(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -296,5 +297,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_tunables()
   sys.exit(main())

@@ -100,5 +100,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_tunables()
   sys.exit(main())

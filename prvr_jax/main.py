@@ -85,5 +85,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_tunables()
   app.run(main)

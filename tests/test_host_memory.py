@@ -12,24 +12,29 @@ import pytest
 from prvr_jax.utils import host_memory
 
 
-def test_environment_adds_the_tunable_once_and_respects_opt_out(monkeypatch):
+ALL = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+       f"glibc.malloc.trim_threshold={2 ** 46}")
+
+
+def test_environment_adds_missing_tunables_once_and_respects_opt_out(monkeypatch):
   monkeypatch.setattr(host_memory, "_thp_available", lambda: True)
   monkeypatch.setattr(host_memory.sys, "platform", "linux")
   monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
-  env = host_memory.huge_page_environment({"PATH": "/bin"})
-  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  # Other tunables are kept.
-  env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-  # Already set (the re-executed process itself), or opted out: nothing to do.
-  assert host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  assert host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
-  assert host_memory.huge_page_environment({"PRVR_JAX_HUGE_PAGES": "0"}) is None
+  env = host_memory.malloc_environment({"PATH": "/bin"})
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": ALL}
+  # The user's own tunables are kept, including their value of one of ours.
+  env = host_memory.malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.pthread.rseq=0"})
+  assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:glibc.pthread.rseq=0:"
+                                   "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
+                                   f"glibc.malloc.trim_threshold={2 ** 46}")
+  # All present (the re-executed process itself), or opted out: nothing to do.
+  assert host_memory.malloc_environment({"GLIBC_TUNABLES": ALL}) is None
+  assert host_memory.malloc_environment({"PRVR_JAX_HUGE_PAGES": "0"}) is None
   monkeypatch.setattr(host_memory, "_thp_available", lambda: False)
-  assert host_memory.huge_page_environment({}) is None
+  assert host_memory.malloc_environment({}) is None
 
 
-@pytest.mark.skipif(host_memory.huge_page_environment({}) is None,
+@pytest.mark.skipif(host_memory.malloc_environment({}) is None,
                     reason="no glibc / transparent huge pages here")
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_bench_entry_point_reexecs_with_huge_pages(opt_out):
@@ -40,3 +45,4 @@ def test_bench_entry_point_reexecs_with_huge_pages(opt_out):
                        env=env, capture_output=True, text=True, check=True, timeout=300)
   (record,) = [json.loads(line) for line in out.stdout.splitlines()]
   assert record["machine"]["huge_page_malloc"] is (not opt_out)
+  assert (record["machine"]["malloc_tunables"] == ALL) is (not opt_out)
