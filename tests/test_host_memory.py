@@ -12,8 +12,8 @@ import pytest
 from prvr_jax.utils import host_memory
 
 
-ALL = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-       f"glibc.malloc.trim_threshold={2 ** 46}")
+RETAIN = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2 ** 46}"
+ALL = "glibc.malloc.hugetlb=1:" + RETAIN
 
 
 def test_environment_adds_missing_tunables_once_and_respects_opt_out(monkeypatch):
@@ -21,14 +21,19 @@ def test_environment_adds_missing_tunables_once_and_respects_opt_out(monkeypatch
   monkeypatch.setattr(host_memory.sys, "platform", "linux")
   monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
   env = host_memory.malloc_environment({"PATH": "/bin"})
-  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": ALL}
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = host_memory.malloc_environment({"PATH": "/bin", "PRVR_JAX_RETAIN_HEAP": "1"})
+  assert env["GLIBC_TUNABLES"] == ALL
   # The user's own tunables are kept, including their value of one of ours.
-  env = host_memory.malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.pthread.rseq=0"})
+  env = host_memory.malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.pthread.rseq=0",
+                                        "PRVR_JAX_RETAIN_HEAP": "1"})
   assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:glibc.pthread.rseq=0:"
                                    "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
                                    f"glibc.malloc.trim_threshold={2 ** 46}")
   # All present (the re-executed process itself), or opted out: nothing to do.
-  assert host_memory.malloc_environment({"GLIBC_TUNABLES": ALL}) is None
+  assert host_memory.malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
+  assert host_memory.malloc_environment({"GLIBC_TUNABLES": ALL, "PRVR_JAX_RETAIN_HEAP": "1"}) is None
+  assert host_memory.malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
   assert host_memory.malloc_environment({"PRVR_JAX_HUGE_PAGES": "0"}) is None
   monkeypatch.setattr(host_memory, "_thp_available", lambda: False)
   assert host_memory.malloc_environment({}) is None
@@ -36,13 +41,15 @@ def test_environment_adds_missing_tunables_once_and_respects_opt_out(monkeypatch
 
 @pytest.mark.skipif(host_memory.malloc_environment({}) is None,
                     reason="no glibc / transparent huge pages here")
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_bench_entry_point_reexecs_with_huge_pages(opt_out):
+@pytest.mark.parametrize("opt_out,retain", [(False, False), (False, True), (True, True)])
+def test_bench_entry_point_reexecs_with_malloc_tunables(opt_out, retain):
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   if opt_out:
     env["PRVR_JAX_HUGE_PAGES"] = "0"
+  env["PRVR_JAX_RETAIN_HEAP"] = "1" if retain else "0"
   out = subprocess.run([sys.executable, "-m", "prvr_jax.bench", "tome", "--batch", "2", "--repeats", "1"],
                        env=env, capture_output=True, text=True, check=True, timeout=300)
   (record,) = [json.loads(line) for line in out.stdout.splitlines()]
   assert record["machine"]["huge_page_malloc"] is (not opt_out)
-  assert (record["machine"]["malloc_tunables"] == ALL) is (not opt_out)
+  expected = "" if opt_out else (ALL if retain else "glibc.malloc.hugetlb=1")
+  assert record["machine"]["malloc_tunables"] == expected

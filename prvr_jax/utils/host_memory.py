@@ -1,23 +1,27 @@
-"""Keeps XLA:CPU's per-step temporaries in huge pages that stay mapped (Linux, glibc).
+"""Huge pages for XLA:CPU's per-step temporaries, and optionally a heap that keeps them (glibc).
 
 Why: XLA's CPU runtime allocates each execution's temporaries as one block (about 7 GB for the
 B = 128 TVR train step) from a worker thread and frees it afterwards. By default glibc serves
 such a block with its own mmap and unmaps it on free, so every step faults in and zeroes every
-page again: 2.3M 4 KiB page faults per step, or with huge pages alone still 4-5 CPU-seconds of
-kernel page zeroing per step. The entry points therefore re-exec once (same PID, same
-arguments; glibc reads tunables only at start-up) with these glibc malloc tunables:
+page again: 2.3M 4 KiB page faults per step. The entry points therefore re-exec once (same PID,
+same arguments; glibc reads tunables only at start-up) with
 
-  glibc.malloc.hugetlb=1         transparent huge pages for malloc'd memory (512x fewer faults)
+  glibc.malloc.hugetlb=1         transparent huge pages for malloc'd memory (512x fewer faults):
+                                 B = 128 step 15.3 s -> 12.1 s on a 2-core Xeon.
+
+Huge pages still leave 4-5 CPU-seconds of kernel page zeroing per B = 128 step. With
+PRVR_JAX_RETAIN_HEAP=1 three more tunables keep the block mapped from step to step:
+
   glibc.malloc.arena_max=1       one arena: worker threads' blocks come from the main heap
                                  (a thread arena mmaps every block over 64 MB, whatever the rest)
   glibc.malloc.mmap_max=0        no per-block mmap, hence no unmap when a block is freed
-  glibc.malloc.trim_threshold=.. freed heap memory is not handed back, so the next step reuses
-                                 the pages already faulted in
+  glibc.malloc.trim_threshold=.. freed heap memory is not handed back to the kernel
 
-Measured on a 2-core Xeon at B = 128: 15.3 s -> 12.1 s per step from huge pages, and kernel time
-4-5 s -> 0.2 s of CPU per step from the other three. The cost: the process keeps its peak heap
-until it exits. Tunables the user has set are kept as they are. PRVR_JAX_HUGE_PAGES=0 opts out
-of all of it.
+Kernel time 4-5 -> 0.2 CPU-s per B = 128 step, the step 12.4-13.5 s -> 11.2 s. Not the default:
+with one arena every thread (the data loader's too) shares one malloc lock, and the small-batch
+demo ran 0.70 -> 1.16 s per step; the process also keeps its peak heap until it exits. Use it for
+large-batch training on CPU. Tunables the user has set are kept as they are;
+PRVR_JAX_HUGE_PAGES=0 opts out of all of it.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import platform
 import sys
 from typing import Mapping, Optional
 
+_RETAIN = "PRVR_JAX_RETAIN_HEAP"
 # (name, value), in the order they are appended to GLIBC_TUNABLES.
-_TUNABLES = (
-    ("glibc.malloc.hugetlb", "1"),
+_HUGE_PAGES = (("glibc.malloc.hugetlb", "1"),)
+_RETAIN_HEAP = (
     ("glibc.malloc.arena_max", "1"),
     ("glibc.malloc.mmap_max", "0"),
     ("glibc.malloc.trim_threshold", str(2 ** 46)),
@@ -54,15 +59,16 @@ def malloc_environment(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
     environ: the current environment.
 
   Returns:
-    a copy of `environ` with every tunable of `_TUNABLES` that GLIBC_TUNABLES lacks appended, or
-    None when none is missing, the user opted out, or it does not apply (not Linux with glibc
-    and transparent huge pages).
+    a copy of `environ` with every tunable (`_HUGE_PAGES`, plus `_RETAIN_HEAP` when
+    PRVR_JAX_RETAIN_HEAP=1) that GLIBC_TUNABLES lacks appended, or None when none is missing,
+    the user opted out, or it does not apply (not Linux with glibc and transparent huge pages).
   """
   if environ.get(_OPT_OUT, "1") == "0":
     return None
   current = environ.get("GLIBC_TUNABLES", "")
   present = {item.split("=", 1)[0] for item in current.split(":") if item}
-  missing = [f"{name}={value}" for name, value in _TUNABLES if name not in present]
+  wanted = _HUGE_PAGES + (_RETAIN_HEAP if environ.get(_RETAIN, "0") == "1" else ())
+  missing = [f"{name}={value}" for name, value in wanted if name not in present]
   if not missing:
     return None
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not _thp_available():
