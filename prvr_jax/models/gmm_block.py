@@ -11,7 +11,7 @@ import numpy as np
 
 from prvr_jax.models.dropout import Dropout
 from prvr_jax.models.layers import (MASKED_LOGIT_BIAS, FeedForward, Linear, LinearParams,
-                                    TransformerLayer, layer_norm)
+                                    TransformerLayer, layer_norm, rows_dot)
 
 
 class WeightTokenAttention(nn.Module):
@@ -44,10 +44,9 @@ class WeightTokenAttention(nn.Module):
     key_const = jnp.einsum("hd,hd->h", bk.reshape(heads, head_dim), q)  # (H,)
     # Per branch, never stacking the K branch outputs: a (N, K, L, D) copy (and its gradient)
     # costs more on CPU than these small products.
-    # As 2-D (N*L, D) x (D, H) products, whose key_dirs gradient is one dot without copies
-    # (see `Linear`); only the small (N, K, L, H) logits are transposed.
-    logits = jnp.stack([jnp.dot(b.reshape(-1, dim), key_dirs).reshape(b.shape[:2] + (heads,))
-                        for b in branches], axis=1)
+    # `rows_dot` keeps key_dirs' gradient free of activation copies; only the small
+    # (N, K, L, H) logits are transposed.
+    logits = jnp.stack([rows_dot(b, key_dirs) for b in branches], axis=1)
     logits = jnp.swapaxes(logits, -1, -2)  # (N, K, H, L)
     logits = logits + key_const[:, None]
     logits = logits / np.float32(np.sqrt(head_dim))

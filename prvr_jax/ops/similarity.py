@@ -9,10 +9,14 @@ import jax.numpy as jnp
 NORMALIZE_EPS = 1e-12
 
 
+def _clamped_norm(x: jax.Array, eps: float = NORMALIZE_EPS) -> jax.Array:
+  """max(|x|, eps) over the last axis. (..., D) -> (...,)."""
+  return jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1)), eps)
+
+
 def l2_normalize(x: jax.Array, eps: float = NORMALIZE_EPS) -> jax.Array:
   """x / max(||x||, eps) over the last axis (torch F.normalize semantics). (..., D) -> (..., D)."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  return x / _clamped_norm(x, eps)[..., None]
 
 
 def max_token_scores(queries: jax.Array, tokens: jax.Array, normalize: bool) -> jax.Array:
@@ -37,10 +41,6 @@ def fused_scores(clip_scores: jax.Array, frame_scores: jax.Array, clip_weight: f
   return clip_weight * clip_scores + frame_weight * frame_scores
 
 
-def _norms(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(|x|, max(|x|, eps)) over the last axis. (..., D) -> (...,) x 2."""
-  length = jnp.sqrt(jnp.sum(x * x, axis=-1))
-  return length, jnp.maximum(length, NORMALIZE_EPS)
 
 
 def _max_and_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -71,18 +71,17 @@ def _raw_and_cosine_scores(queries: jax.Array, tokens: jax.Array) -> tuple[jax.A
 def _scores_fwd(queries: jax.Array, tokens: jax.Array):
   flat = tokens.reshape(-1, tokens.shape[-1])
   dots = jnp.dot(queries, flat.T).reshape(queries.shape[0], *tokens.shape[:2])  # (Q, B, L)
-  q_len, q_norm = _norms(queries)
-  t_len, t_norm = _norms(tokens)
+  q_norm, t_norm = _clamped_norm(queries), _clamped_norm(tokens)
   raw, raw_index = _max_and_index(dots)
   # |q| is the same for every token of a row: the cosine's argmax is that of dots / |t|.
   scaled, cos_index = _max_and_index(dots / t_norm[None])
   cosine = scaled / q_norm[:, None]
-  residuals = (queries, tokens, q_len, q_norm, t_len, t_norm, raw_index, cos_index, cosine)
+  residuals = (queries, tokens, q_norm, t_norm, raw_index, cos_index, cosine)
   return (raw, cosine), residuals
 
 
 def _scores_bwd(residuals, cotangents):
-  queries, tokens, q_len, q_norm, t_len, t_norm, raw_index, cos_index, cosine = residuals
+  queries, tokens, q_norm, t_norm, raw_index, cos_index, cosine = residuals
   g_raw, g_cos = cotangents
   num_tokens = tokens.shape[1]
   positions = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -98,9 +97,10 @@ def _scores_bwd(residuals, cotangents):
   d_flat = d_dots.reshape(d_dots.shape[0], -1)  # (Q, B*L)
   d_queries = jnp.dot(d_flat, flat)
   d_tokens = jnp.dot(d_flat.T, queries).reshape(tokens.shape)
-  # max(|x|, eps) passes the gradient on only where |x| > eps; d|x|/dx = x / |x|.
-  q_scale = jnp.where(q_len > NORMALIZE_EPS, d_q_norm / jnp.maximum(q_len, NORMALIZE_EPS), 0.0)
-  t_scale = jnp.where(t_len > NORMALIZE_EPS, d_t_norm / jnp.maximum(t_len, NORMALIZE_EPS), 0.0)
+  # max(|x|, eps) passes the gradient on only where |x| > eps (there it equals |x|), and
+  # d|x|/dx = x / |x|.
+  q_scale = jnp.where(q_norm > NORMALIZE_EPS, d_q_norm / q_norm, 0.0)
+  t_scale = jnp.where(t_norm > NORMALIZE_EPS, d_t_norm / t_norm, 0.0)
   return (d_queries + q_scale[:, None] * queries, d_tokens + t_scale[..., None] * tokens)
 
 
