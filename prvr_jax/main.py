@@ -37,27 +37,26 @@ _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
 def run(config, workdir: str, mode: str, checkpoint: str = "best") -> int:
   """Runs one mode; returns the process exit code. Bad input is one message, not a traceback."""
   # Imported here: grain workers re-import __main__, and must not pull in JAX-heavy modules.
+  from prvr_jax.data.config import DataConfig  # pylint: disable=import-outside-toplevel
   from prvr_jax.data.formats import DataError  # pylint: disable=import-outside-toplevel
   from prvr_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
 
   expected = (DataError, ValueError, KeyError, FileNotFoundError)
   try:
     if mode == "prepare":
-      prepare(config, workdir)
+      prepare(DataConfig.from_config_dict(config.data), workdir)
       return 0
     from prvr_jax import parallel  # pylint: disable=import-outside-toplevel
     from prvr_jax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-    from prvr_jax.train import loop  # pylint: disable=import-outside-toplevel
+    from prvr_jax.train import loop, report  # pylint: disable=import-outside-toplevel
 
     parallel.initialize_distributed()
     expected += (ckpt.CheckpointError, loop.NonFiniteLossError)
     if mode == "train":
       summary = loop.train_and_evaluate(config, workdir)
-      print(f"train: stopped ({summary['stopped']}) at step {summary['step']}; best val SumR "
-            f"{summary['best_val_SumR']:.2f} at step {summary['best_step']}; "
-            f"{summary['seconds_per_step']:.3f} s/step; outputs in {workdir}", file=sys.stderr)
+      print(report.summary_line(summary, workdir), file=sys.stderr)
     else:
-      loop.evaluate_run(workdir, which=checkpoint)
+      report.evaluate_run(workdir, which=checkpoint)
     return 0
   except expected as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e

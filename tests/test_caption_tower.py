@@ -21,6 +21,7 @@ from prvr_jax import extract
 from prvr_jax.clip.load import load_clip
 from prvr_jax.clip.tokenizer import ClipTokenizer
 from prvr_jax.data import pipeline
+from prvr_jax.data.config import DataConfig
 from prvr_jax.models import caption_tower as ct
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet, init_params
@@ -229,9 +230,9 @@ def test_loader_gives_tokenised_caption_text(tmp_path):
   from prvr_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
   from tests.train_helpers import tiny_config  # pylint: disable=import-outside-toplevel
 
-  config = tiny_config()
-  prepare(config, str(tmp_path))
-  dataset_dir = pipeline.dataset_dir_from_config(config, str(tmp_path))
+  data = DataConfig.from_config_dict(tiny_config().data)
+  prepare(data, str(tmp_path))
+  dataset_dir = pipeline.dataset_dir_from_config(data, str(tmp_path))
   ds = pipeline.train_dataset(dataset_dir, batch_size=8, max_captions_per_video=6,
                               caption_text_length=20, shuffle=False)
   batch = ds[0]
@@ -268,7 +269,8 @@ def test_training_with_a_trainable_tower_then_search(clip_dir, tmp_path, capsys)
   import h5py
 
   from prvr_jax.search import cli
-  from prvr_jax.train.loop import load_trained, train_and_evaluate
+  from prvr_jax.run import load_trained
+  from prvr_jax.train.loop import train_and_evaluate
   from tests.train_helpers import tiny_config
 
   config = tiny_config()
@@ -296,14 +298,14 @@ def test_training_with_a_trainable_tower_then_search(clip_dir, tmp_path, capsys)
   # the trained top moved.
   (clip_dir / "model.safetensors").rename(clip_dir / "away.safetensors")
   try:
-    setup, params, step = load_trained(str(run), "latest")
+    trained, params, step = load_trained(str(run), "latest")
   finally:
     (clip_dir / "away.safetensors").rename(clip_dir / "model.safetensors")
-  assert step == 3 and setup.model_cfg.caption_tower.trainable_blocks == 1
+  assert step == 3 and trained.model.caption_tower.trainable_blocks == 1
   clip = ct.tower_params_from_clip(load_clip(clip_dir, towers=("text",))[1],
-                                   setup.model_cfg.caption_tower)
+                                   trained.model.caption_tower)
   got, want = _flat(jax.device_get(params[ct.PARAMS_KEY])), _flat(clip)
-  labels = _flat(ct.trainable_labels({ct.PARAMS_KEY: clip}, setup.model_cfg.caption_tower)[ct.PARAMS_KEY])
+  labels = _flat(ct.trainable_labels({ct.PARAMS_KEY: clip}, trained.model.caption_tower)[ct.PARAMS_KEY])
   for k, v in want.items():
     if labels[k] == "freeze":
       np.testing.assert_array_equal(got[k], v, err_msg=str(k))

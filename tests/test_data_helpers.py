@@ -17,6 +17,7 @@ import numpy as np
 
 from configs.data_defaults import data_section
 from prvr_jax.data import pipeline
+from prvr_jax.data.config import DataConfig
 from prvr_jax.data.prepare import prepare
 
 
@@ -176,7 +177,8 @@ def build(tmp_path: pathlib.Path, name: str, root: Optional[pathlib.Path] = None
           ) -> dict[str, Any]:
   """prepare() into tmp_path/work; returns the summary."""
   config = data_config(name, root or "", **data_overrides)
-  return prepare(config, tmp_path / "work", progress=False, print_fn=None)
+  return prepare(DataConfig.from_config_dict(config.data), tmp_path / "work", progress=False,
+                 print_fn=None)
 
 
 def read_all(dataset_dir: str, split: str) -> list[dict[str, Any]]:

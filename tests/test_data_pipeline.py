@@ -4,7 +4,6 @@ worker processes. Runs on a small synthetic dataset built once for the module.""
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import multiprocessing
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from prvr_jax.data import builders, pipeline
+from prvr_jax.data.config import DataConfig
 from prvr_jax.data.preprocess import l2_normalize, resample_to_fixed_length
 from prvr_jax.data.synthetic import SyntheticSpec
 
@@ -25,7 +25,7 @@ SPEC = SyntheticSpec(seed=5, num_train_videos=37, num_val_videos=11, num_test_vi
 def ddir(tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = builders.make_builder(dict(name="synthetic", synthetic=dataclasses.asdict(SPEC)),
+  builder = builders.make_builder(DataConfig(name="synthetic", synthetic=SPEC),
                                   tmp_path_factory.mktemp("tfds"), progress=False)
   tfds.display_progress_bar(False)
   builder.download_and_prepare()

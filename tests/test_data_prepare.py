@@ -11,17 +11,19 @@ from configs import data_defaults
 from configs import synthetic as synthetic_config
 from prvr_jax.data import pipeline
 from prvr_jax.data.bench_data import bench_data
+from prvr_jax.data.config import DataConfig
 from prvr_jax.data.prepare import SUMMARY_FILE, format_summary, prepare
 from tests import test_data_helpers as h
 
 
-def _small_synthetic():
+def _small_synthetic(**overrides) -> DataConfig:
   config = synthetic_config.get_config()
   config.data.synthetic.num_train_videos = 20
   config.data.synthetic.num_val_videos = 7
   config.data.synthetic.num_test_videos = 3
   config.data.batch_size = 8
-  return config
+  config.data.update(overrides)
+  return DataConfig.from_config_dict(config.data)
 
 
 def test_prepare_prints_and_writes_the_summary(tmp_path):
@@ -40,8 +42,7 @@ def test_prepare_prints_and_writes_the_summary(tmp_path):
   assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [SUMMARY_FILE]
   again = prepare(_small_synthetic(), tmp_path, progress=False, print_fn=None)
   assert again["reused"] is True and again["splits"] == summary["splits"]
-  config = _small_synthetic()
-  config.data.overwrite = True
+  config = _small_synthetic(overwrite=True)
   assert prepare(config, tmp_path, progress=False, print_fn=None)["reused"] is False
   assert pipeline.dataset_dir_from_config(config, tmp_path) == summary["dataset_dir"]
 
@@ -57,7 +58,7 @@ def test_skip_summary_lists_every_skipped_item(tmp_path):
   bad.discard(tree["train"][0].captions[0].caption_id)
   h.write_clip_files(root, "charades", tree)
   printed = []
-  config = h.data_config("charades", root, on_error="skip")
+  config = DataConfig.from_config_dict(h.data_config("charades", root, on_error="skip").data)
   summary = prepare(config, tmp_path / "work", progress=False, print_fn=printed.append)
   skipped = summary["splits"]["train"]["skipped"]
   assert bad <= {s["id"] for s in skipped}
@@ -66,20 +67,20 @@ def test_skip_summary_lists_every_skipped_item(tmp_path):
 
 
 def test_config_driven_pipelines(tmp_path):
-  config = _small_synthetic()
-  summary = prepare(config, tmp_path, progress=False, print_fn=None)
+  data = _small_synthetic()
+  summary = prepare(data, tmp_path, progress=False, print_fn=None)
   ddir = summary["dataset_dir"]
-  train = pipeline.train_from_config(config, ddir)
-  batch = next(pipeline.iterator_from_config(config, train))
-  c = config.data.max_captions_per_video
-  assert batch["video_frames"].shape == (8, 128, config.data.synthetic.visual_dim)
+  train = pipeline.train_from_config(data, ddir, seed=0)
+  batch = next(pipeline.iterator_from_config(data, train))
+  c = data.max_captions_per_video
+  assert batch["video_frames"].shape == (8, 128, data.synthetic.visual_dim)
   assert batch["text_feat"].shape[:1] == (8 * c,)
   jit_inputs, book = pipeline.split_batch(batch)
   assert set(jit_inputs) == set(pipeline.TRAIN_KEYS) and "video_index" in book
-  videos, queries = pipeline.eval_from_config(config, ddir, "val")
+  videos, queries = pipeline.eval_from_config(data, ddir, "val")
   vb, qb = videos[0], queries[0]
-  assert vb["video_frames"].shape[0] == config.data.eval_video_batch_size
-  assert qb["text_feat"].shape[0] == config.data.eval_query_batch_size
+  assert vb["video_frames"].shape[0] == data.eval_video_batch_size
+  assert qb["text_feat"].shape[0] == data.eval_query_batch_size
 
 
 def test_configs_expose_the_data_keys():

@@ -47,7 +47,8 @@ def _cos_pairs(x: np.ndarray) -> np.ndarray:
 
 def test_collapse_diagnostics_match_numpy(ddir):
   params = random_params(TINY_MODEL, 5)
-  diag = D.collapse_diagnostics(params, TINY_MODEL, tiny_config(), ddir, "val", max_queries=20, max_videos=6)
+  diag = D.collapse_diagnostics(params, TINY_MODEL, tiny_config(), ddir, "val", max_queries=20,
+                                max_videos=6)
   assert diag["split"] == "val" and set(diag) == {"split", "query", "clip_token"}
 
   # Queries: the first 20 captions of the split, straight from the records.

@@ -10,14 +10,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import synthetic as synthetic_config
 from prvr_jax.data import pipeline
 from prvr_jax.data.prepare import prepare
+from prvr_jax.data.config import DataConfig
 from prvr_jax.eval import evaluate as E
+from prvr_jax.eval.config import EvalConfig
 from prvr_jax.eval.metrics import gt_ranks, recall_at_k
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.eval.bench_eval import random_params
@@ -29,8 +30,9 @@ from tests.conftest import REPO_ROOT
 TINY_MODEL = ModelConfig(hidden_size=32, num_heads=2, visual_input_size=16, query_input_size=8)
 
 
-def tiny_config(eval_video_batch_size: int = 4, eval_query_batch_size: int = 8) -> ml_collections.ConfigDict:
-  """The synthetic config shrunk to 11 val videos of 16-d frames and 8-d caption tokens."""
+def tiny_config(eval_video_batch_size: int = 4, eval_query_batch_size: int = 8) -> DataConfig:
+  """`config.data` of the synthetic config shrunk to 11 val videos of 16-d frames and 8-d caption
+  tokens."""
   config = synthetic_config.get_config()
   syn = config.data.synthetic
   syn.num_train_videos, syn.num_val_videos, syn.num_test_videos = 4, 11, 3
@@ -38,7 +40,7 @@ def tiny_config(eval_video_batch_size: int = 4, eval_query_batch_size: int = 8) 
   config.data.eval_video_batch_size = eval_video_batch_size
   config.data.eval_query_batch_size = eval_query_batch_size
   config.data.num_threads = 1
-  return config
+  return DataConfig.from_config_dict(config.data)
 
 
 def build_tiny_dataset(workdir) -> str:
@@ -189,7 +191,8 @@ def _brute_force_report(params, ddir, split, clip_w=0.4, frame_w=0.6):
 
 
 def test_evaluate_split_equals_brute_force(ddir, params):
-  report, ranks = E.evaluate_split_with_ranks(params, TINY_MODEL, tiny_config(), ddir, "val", progress=False)
+  report, ranks = E.evaluate_split_with_ranks(params, TINY_MODEL, tiny_config(), EvalConfig(), ddir,
+                                              "val", progress=False)
   want, want_ranks = _brute_force_report(params, ddir, "val")
   assert report == want
   for kind in ("fused", "clip", "frame"):
@@ -197,10 +200,8 @@ def test_evaluate_split_equals_brute_force(ddir, params):
   assert report["num_videos"] == 11 and report["num_queries"] == pipeline.open_split(ddir, "val").num_captions
   assert 0 < report["SumR"] < 400 and report["R@100"] == 100.0  # 11 videos: every rank <= 100
   # Another query batch size, and fusion weights from config.eval.
-  config = tiny_config(eval_query_batch_size=5)
-  config.eval = ml_collections.ConfigDict(dict(clip_weight=0.7, frame_weight=0.3))
-  assert E.fusion_weights(config) == (0.7, 0.3) and E.fusion_weights(tiny_config()) == (0.4, 0.6)
-  got = E.evaluate_split(params, TINY_MODEL, config, ddir, "val", progress=False)
+  got = E.evaluate_split(params, TINY_MODEL, tiny_config(eval_query_batch_size=5),
+                         EvalConfig(clip_weight=0.7, frame_weight=0.3), ddir, "val", progress=False)
   assert got == _brute_force_report(params, ddir, "val", 0.7, 0.3)[0]
   assert got["clip"] == want["clip"] and got["frame"] == want["frame"]
 
@@ -252,6 +253,7 @@ import json, sys
 import jax, numpy as np
 from prvr_jax.eval import evaluate as E
 from prvr_jax.eval.bench_eval import random_params
+from prvr_jax.eval.config import EvalConfig
 from prvr_jax.parallel import make_data_mesh
 from tests.test_evaluate import TINY_MODEL, tiny_config
 assert jax.device_count() == 4, jax.devices()
@@ -259,7 +261,8 @@ ddir = sys.argv[1]
 params = random_params(TINY_MODEL, 3)
 mesh = make_data_mesh()
 def run(config, mesh):
-  return E.evaluate_split(params, TINY_MODEL, config, ddir, "val", mesh=mesh, progress=False)
+  return E.evaluate_split(params, TINY_MODEL, config, EvalConfig(), ddir, "val", mesh=mesh,
+                         progress=False)
 out = dict(plain=run(tiny_config(), None), sharded=run(tiny_config(), mesh))
 try:
   run(tiny_config(eval_video_batch_size=6), mesh)

@@ -121,14 +121,14 @@ def test_a_trained_run_restores_without_its_dataset(full_run, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
 
   from prvr_jax.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from prvr_jax.train.loop import load_trained  # pylint: disable=import-outside-toplevel
+  from prvr_jax.run import load_trained  # pylint: disable=import-outside-toplevel
 
   moved = tmp_path / "moved"
   moved.mkdir()
   shutil.copy(full_run / "config.json", moved / "config.json")
   shutil.copytree(full_run / "checkpoints", moved / "checkpoints")
-  setup, params, step = load_trained(str(moved))
-  assert step in (4, 8) and setup.model_cfg.visual_input_size == 64  # an evaluated checkpoint
+  run, params, step = load_trained(str(moved))
+  assert step in (4, 8) and run.model.visual_input_size == 64  # an evaluated checkpoint
   assert sum(x.size for x in jax.tree.leaves(params)) > 0
   assert not (moved / "tfds").exists()  # nothing was prepared
   with pytest.raises(CheckpointError, match="step 3 is not there"):

@@ -9,7 +9,6 @@ far below that to never be what the step waits on.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import tempfile
@@ -17,6 +16,7 @@ import time
 from typing import Any, Iterator, Optional
 
 from prvr_jax.data import pipeline
+from prvr_jax.data.config import DataConfig
 from prvr_jax.data.synthetic import SyntheticSpec
 
 TVR_CAPTIONS = 5
@@ -36,8 +36,8 @@ def _build(spec: SyntheticSpec, data_dir: str) -> str:
 
   from prvr_jax.data import builders  # pylint: disable=g-import-not-at-top
 
-  builder = builders.make_builder(dict(name="synthetic", synthetic=dataclasses.asdict(spec)),
-                                  data_dir, progress=False)
+  builder = builders.make_builder(DataConfig(name="synthetic", synthetic=spec), data_dir,
+                                  progress=False)
   tfds.display_progress_bar(False)
   try:
     builder.download_and_prepare()

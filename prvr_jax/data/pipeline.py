@@ -32,6 +32,9 @@ import grain
 import numpy as np
 
 from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH
+from prvr_jax.data import builders
+from prvr_jax.data.builders.records import METADATA_KEY
+from prvr_jax.data.config import DataConfig
 from prvr_jax.data.preprocess import DEFAULT_LENGTH, l2_normalize, resample_to_fixed_length
 
 # Keys the jitted train step takes; the others are numpy bookkeeping. A model with an in-model
@@ -47,7 +50,6 @@ QUERY_EVAL_KEYS = ("text_feat", "text_mask", "query_valid")
 CLIP_MAX_TOKENS = CLIP_CONTEXT_LENGTH
 # Epochs of an "unbounded" training pipeline (MapDataset needs a length).
 _UNBOUNDED_EPOCHS = 1_000_000
-_METADATA_KEY = "prvr"
 METADATA_FILE = "metadata.json"
 
 
@@ -105,7 +107,7 @@ def open_split(dataset_dir: str | os.PathLike, split: str) -> SplitInfo:
   if not is_prepared(dataset_dir):
     raise FileNotFoundError(f"no prepared PRVR dataset at {dataset_dir} (missing metadata.json); "
                             "run `python -m prvr_jax.main --mode=prepare` first")
-  meta = json.loads(meta_file.read_text())[_METADATA_KEY]
+  meta = json.loads(meta_file.read_text())[METADATA_KEY]
   if split not in meta["splits"]:
     raise KeyError(f"split {split!r} not in {dataset_dir} (has {sorted(meta['splits'])})")
   counts = np.asarray(meta["splits"][split]["caption_counts"], np.int64)
@@ -569,63 +571,52 @@ def steps_per_epoch(dataset: grain.MapDataset, num_epochs: int = 1) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# From the config.
+# From the typed `config.data`.
 
 
-def _data(config: Any) -> Any:
-  return config.data if hasattr(config, "data") else config["data"]
-
-
-def train_from_config(config: Any, dataset_dir: str | os.PathLike, *, process_index: int = 0,
-                      process_count: int = 1, caption_text_length: int = 0,
+def train_from_config(data: DataConfig, dataset_dir: str | os.PathLike, *, seed: int,
+                      process_index: int = 0, process_count: int = 1, caption_text_length: int = 0,
                       caption_context_length: int = 0) -> grain.MapDataset:
-  """`train_dataset` with the `config.data` keys (shuffle seed: config.seed); the caption lengths
-  are the model's (`ModelConfig.caption_token_length` / `caption_context_length`)."""
-  d = _data(config)
-  return train_dataset(
-      dataset_dir, d.get("train_split", "train"), batch_size=d.batch_size,
-      max_captions_per_video=d.get("max_captions_per_video", 0),
-      max_caption_tokens=d.get("max_caption_tokens", 0), num_frames=d.get("num_frames", DEFAULT_LENGTH),
-      seed=int(config.get("seed", 0)), shuffle=d.get("shuffle", True), num_epochs=d.get("num_epochs", 0),
-      process_index=process_index, process_count=process_count,
-      drop_remainder=d.get("drop_remainder", False), truncate_keep_eos=d.get("truncate_keep_eos", False),
-      caption_text_length=caption_text_length, caption_context_length=caption_context_length)
-
-
-def eval_from_config(config: Any, dataset_dir: str | os.PathLike, split: str, *, process_index: int = 0,
-                     process_count: int = 1, caption_text_length: int = 0,
-                     caption_context_length: int = 0) -> tuple[grain.MapDataset, grain.MapDataset]:
-  """(eval_video_dataset, eval_query_dataset) of `split` with the `config.data` keys; the caption
+  """`train_dataset` with the `data` settings and shuffle seed `seed` (the run's); the caption
   lengths are the model's (`ModelConfig.caption_token_length` / `caption_context_length`)."""
-  d = _data(config)
-  videos = eval_video_dataset(dataset_dir, split, batch_size=d.get("eval_video_batch_size", 128),
-                              num_frames=d.get("num_frames", DEFAULT_LENGTH),
-                              process_index=process_index, process_count=process_count)
-  queries = eval_query_dataset(dataset_dir, split, batch_size=d.get("eval_query_batch_size", 256),
-                               max_caption_tokens=d.get("max_caption_tokens", 0),
+  return train_dataset(
+      dataset_dir, data.train_split, batch_size=data.batch_size,
+      max_captions_per_video=data.max_captions_per_video,
+      max_caption_tokens=data.max_caption_tokens, num_frames=data.num_frames, seed=int(seed),
+      shuffle=data.shuffle, num_epochs=data.num_epochs, process_index=process_index,
+      process_count=process_count, drop_remainder=data.drop_remainder,
+      truncate_keep_eos=data.truncate_keep_eos, caption_text_length=caption_text_length,
+      caption_context_length=caption_context_length)
+
+
+def eval_from_config(data: DataConfig, dataset_dir: str | os.PathLike, split: str, *,
+                     process_index: int = 0, process_count: int = 1, caption_text_length: int = 0,
+                     caption_context_length: int = 0) -> tuple[grain.MapDataset, grain.MapDataset]:
+  """(eval_video_dataset, eval_query_dataset) of `split` with the `data` settings; the caption
+  lengths are the model's (`ModelConfig.caption_token_length` / `caption_context_length`)."""
+  videos = eval_video_dataset(dataset_dir, split, batch_size=data.eval_video_batch_size,
+                              num_frames=data.num_frames, process_index=process_index,
+                              process_count=process_count)
+  queries = eval_query_dataset(dataset_dir, split, batch_size=data.eval_query_batch_size,
+                               max_caption_tokens=data.max_caption_tokens,
                                process_index=process_index, process_count=process_count,
-                               truncate_keep_eos=d.get("truncate_keep_eos", False),
+                               truncate_keep_eos=data.truncate_keep_eos,
                                caption_text_length=caption_text_length,
                                caption_context_length=caption_context_length)
   return videos, queries
 
 
-def iterator_from_config(config: Any, dataset: grain.MapDataset) -> grain.DatasetIterator:
-  """`to_iterator` with `config.data.num_threads` / `prefetch_batches` / `num_workers`."""
-  d = _data(config)
-  return to_iterator(dataset, num_threads=d.get("num_threads", 2),
-                     prefetch_batches=d.get("prefetch_batches", 2), num_workers=d.get("num_workers", 0))
+def iterator_from_config(data: DataConfig, dataset: grain.MapDataset) -> grain.DatasetIterator:
+  """`to_iterator` with `data.num_threads` / `prefetch_batches` / `num_workers`."""
+  return to_iterator(dataset, num_threads=data.num_threads, prefetch_batches=data.prefetch_batches,
+                     num_workers=data.num_workers)
 
 
-def dataset_dir_from_config(config: Any, workdir: str | os.PathLike) -> str:
-  """Where `prepare` writes the dataset for this config (without building it)."""
-  from prvr_jax.data import builders  # pylint: disable=g-import-not-at-top  # TFDS builder classes
-
-  return str(builders.make_builder(_data(config), resolve_data_dir(config, workdir), progress=False).data_dir)
+def dataset_dir_from_config(data: DataConfig, workdir: str | os.PathLike) -> str:
+  """Where `prepare` writes the dataset of `data` (without building it)."""
+  return str(builders.make_builder(data, resolve_data_dir(data, workdir), progress=False).data_dir)
 
 
-def resolve_data_dir(config: Any, workdir: str | os.PathLike) -> str:
-  """The TFDS data dir: config.data.data_dir, or <workdir>/tfds when empty."""
-  d = _data(config)
-  return d.get("data_dir", "") or os.path.join(os.fspath(workdir), "tfds")
-
+def resolve_data_dir(data: DataConfig, workdir: str | os.PathLike) -> str:
+  """The TFDS data dir: data.data_dir, or <workdir>/tfds when empty."""
+  return data.data_dir or os.path.join(os.fspath(workdir), "tfds")

@@ -2,7 +2,7 @@
 
   python -m prvr_jax.main --config=configs/tvr.py --config.data.root=DIR --workdir=W --mode=prepare
 
-writes the dataset to config.data.data_dir (default <workdir>/tfds), shows a progress bar per
+writes the dataset to data.data_dir (default <workdir>/tfds), shows a progress bar per
 split, prints a summary and writes it to <workdir>/prepare_summary.json:
   {"benchmark": ..., "dataset_dir": ..., "video_dim": ..., "text_dim": ..., "reused": bool,
    "splits": {"<split>": {"videos": n, "captions": n, "frames": n,
@@ -19,8 +19,10 @@ import pathlib
 from typing import Any, Callable, Optional
 
 from prvr_jax.data import builders, formats
-from prvr_jax.data.builders.records import SplitStats
+from prvr_jax.data.builders.records import METADATA_KEY, SplitStats
+from prvr_jax.data.config import DataConfig
 from prvr_jax.data.pipeline import METADATA_FILE, is_prepared, resolve_data_dir
+from prvr_jax.errors import ConfigError
 from prvr_jax.utils.files import atomic_write_text
 
 SUMMARY_FILE = "prepare_summary.json"
@@ -28,7 +30,7 @@ _SHOWN_SKIPS = 20
 
 
 def _summary_from_metadata(dataset_dir: str) -> dict[str, Any]:
-  meta = json.loads((pathlib.Path(dataset_dir) / METADATA_FILE).read_text())[builders.METADATA_KEY]
+  meta = json.loads((pathlib.Path(dataset_dir) / METADATA_FILE).read_text())[METADATA_KEY]
   splits = {name: SplitStats(**stats).summary() for name, stats in meta["splits"].items()}
   return dict(benchmark=meta.get("benchmark"), visual_feature=meta.get("visual_feature"),
               dataset_dir=dataset_dir, video_dim=meta.get("video_dim"), text_dim=meta.get("text_dim"),
@@ -51,13 +53,13 @@ def format_summary(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def prepare(config: Any, workdir: str | os.PathLike, *, progress: bool = True,
+def prepare(data: DataConfig, workdir: str | os.PathLike, *, progress: bool = True,
             print_fn: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
-  """Builds (or reuses) the dataset of `config.data` and writes <workdir>/prepare_summary.json.
+  """Builds (or reuses) the dataset of `data` and writes <workdir>/prepare_summary.json.
 
   Args:
-    config: the run config; uses config.data: name, root (manual dir, not needed for
-      'synthetic'), visual_feature, on_error ('raise' | 'skip'), data_dir, overwrite, synthetic.
+    data: the run's `config.data`: name, root (manual dir, not needed for 'synthetic'),
+      visual_feature, on_error ('raise' | 'skip'), data_dir, overwrite, synthetic.
     workdir: run directory (the summary goes there; the dataset too unless data.data_dir is set).
     progress: show progress bars.
     print_fn: where the printed summary goes (None: nowhere).
@@ -70,17 +72,14 @@ def prepare(config: Any, workdir: str | os.PathLike, *, progress: bool = True,
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only this mode needs it
 
-  data = config.data
-  name = data.get("name", "synthetic")
-  root = data.get("root", "") or ""
-  if name != "synthetic" and not root:
-    raise ValueError(f"data.name={name!r} reads the authors' feature files: set --config.data.root "
-                     "to the folder holding the collection's folder")
-  if name != "synthetic" and not pathlib.Path(root).is_dir():
+  if data.name != "synthetic" and not data.root:
+    raise ConfigError(f"data.name={data.name!r} reads the authors' feature files: set "
+                      "--config.data.root to the folder holding the collection's folder")
+  if data.name != "synthetic" and not pathlib.Path(data.root).is_dir():
     # Checked here: TFDS would fail on it with a bare AssertionError.
-    raise formats.DataError(root, formats.WHOLE_FILE, "data.root is not an existing folder")
-  builder = builders.make_builder(data, resolve_data_dir(config, workdir), progress=progress)
-  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if data.get("overwrite", False)
+    raise formats.DataError(data.root, formats.WHOLE_FILE, "data.root is not an existing folder")
+  builder = builders.make_builder(data, resolve_data_dir(data, workdir), progress=progress)
+  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if data.overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   reused = (mode == tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
             and is_prepared(builder.data_dir))
@@ -88,7 +87,7 @@ def prepare(config: Any, workdir: str | os.PathLike, *, progress: bool = True,
   tfds.display_progress_bar(False)
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=root or None, download_mode=mode))
+        manual_dir=data.root or None, download_mode=mode))
   finally:
     tfds.display_progress_bar(True)
   summary = _summary_from_metadata(str(builder.data_dir))

@@ -26,6 +26,7 @@ import numpy as np
 import tqdm
 
 from prvr_jax.data import pipeline
+from prvr_jax.data.config import DataConfig
 from prvr_jax.eval.evaluate import caption_arrays, place_params
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet
@@ -142,7 +143,7 @@ def _first_batches(dataset: Any, items: int) -> Any:
   return dataset[:max(1, -(-items // size))]
 
 
-def query_collapse(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir: str, split: str, *,
+def query_collapse(params: Any, model_cfg: ModelConfig, data: DataConfig, dataset_dir: str, split: str, *,
                    max_queries: int = 2000, progress: bool = False) -> dict[str, Any]:
   """Query-side diagnostics over the split's first `max_queries` captions (see the module docstring).
 
@@ -151,13 +152,13 @@ def query_collapse(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir
      'all_pairs_cos': {'learned', 'clip'}, 'spearman_learned_vs_clip'}; pairs are unordered pairs
     of distinct queries, 'same_video_cos' is NaN when no two queries share a video.
   """
-  _, queries = pipeline.eval_from_config(config, dataset_dir, split,
+  _, queries = pipeline.eval_from_config(data, dataset_dir, split,
                                          caption_text_length=model_cfg.caption_token_length,
                                          caption_context_length=model_cfg.caption_context_length)
   queries = _first_batches(queries, max_queries)
   encode = _query_encoder(model_cfg)
   learned, clip, video, valid = [], [], [], []
-  for batch in tqdm.tqdm(pipeline.iterator_from_config(config, queries), total=len(queries),
+  for batch in tqdm.tqdm(pipeline.iterator_from_config(data, queries), total=len(queries),
                          desc="diagnostics: queries", disable=not progress, leave=False):
     out = jax.device_get(encode(params, caption_arrays(batch)))
     learned.append(out[0])
@@ -180,7 +181,8 @@ def query_collapse(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir
   }
 
 
-def clip_token_collapse(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir: str, split: str, *,
+def clip_token_collapse(params: Any, model_cfg: ModelConfig, data: DataConfig, dataset_dir: str,
+                        split: str, *,
                         max_videos: int = 500, progress: bool = False) -> dict[str, Any]:
   """Clip-token diagnostics over the split's first `max_videos` videos (see the module docstring).
 
@@ -190,11 +192,11 @@ def clip_token_collapse(params: Any, model_cfg: ModelConfig, config: Any, datase
      similarities are all equal left out), 'spearman_learned_vs_input_pooled' (over all pairs of
      all videos)}.
   """
-  videos, _ = pipeline.eval_from_config(config, dataset_dir, split)
+  videos, _ = pipeline.eval_from_config(data, dataset_dir, split)
   videos = _first_batches(videos, max_videos)
   encode = _clip_pair_encoder(model_cfg)
   learned, given = [], []
-  for batch in tqdm.tqdm(pipeline.iterator_from_config(config, videos), total=len(videos),
+  for batch in tqdm.tqdm(pipeline.iterator_from_config(data, videos), total=len(videos),
                          desc="diagnostics: videos", disable=not progress, leave=False):
     keep = batch["video_valid"] & (batch["video_index"] < max_videos)
     out = jax.device_get(encode(params, batch["video_frames"]))
@@ -212,7 +214,8 @@ def clip_token_collapse(params: Any, model_cfg: ModelConfig, config: Any, datase
   }
 
 
-def collapse_diagnostics(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir: str, split: str, *,
+def collapse_diagnostics(params: Any, model_cfg: ModelConfig, data: DataConfig, dataset_dir: str,
+                         split: str, *,
                          max_queries: int = 2000, max_videos: Optional[int] = 500,
                          progress: bool = False) -> dict[str, Any]:
   """Semantic-collapse diagnostics of `params` on one split of a built dataset.
@@ -220,7 +223,7 @@ def collapse_diagnostics(params: Any, model_cfg: ModelConfig, config: Any, datas
   Args:
     params: network parameters.
     model_cfg: the network's config.
-    config: the run config (`config.data` eval batch sizes and loader settings).
+    data: the run's `config.data` (eval batch sizes and loader settings).
     dataset_dir: the built dataset.
     split: split name.
     max_queries: the first this many captions of the split (their Gram matrices are
@@ -237,9 +240,9 @@ def collapse_diagnostics(params: Any, model_cfg: ModelConfig, config: Any, datas
   num_videos = pipeline.open_split(dataset_dir, split).num_videos
   return {
       "split": split,
-      "query": query_collapse(params, model_cfg, config, dataset_dir, split, max_queries=max_queries,
+      "query": query_collapse(params, model_cfg, data, dataset_dir, split, max_queries=max_queries,
                               progress=progress),
-      "clip_token": clip_token_collapse(params, model_cfg, config, dataset_dir, split,
+      "clip_token": clip_token_collapse(params, model_cfg, data, dataset_dir, split,
                                         max_videos=num_videos if max_videos is None else max_videos,
                                         progress=progress),
   }

@@ -54,7 +54,9 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding
 
 from prvr_jax.data import pipeline
+from prvr_jax.data.config import DataConfig
 from prvr_jax.eval import gather
+from prvr_jax.eval.config import EvalConfig
 from prvr_jax.eval.metrics import best_gt_score, count_above, recall_at_k
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet
@@ -63,8 +65,6 @@ from prvr_jax.ops.video_inputs import prepare_video_inputs
 from prvr_jax.parallel import DATA_AXIS, batch_sharding, replicated
 from prvr_jax.utils.files import atomic_write_text
 
-DEFAULT_CLIP_WEIGHT = 0.4
-DEFAULT_FRAME_WEIGHT = 0.6
 # Order of the three scores along the leading axis of the ranking kernel's arrays.
 SCORE_KINDS: tuple[str, ...] = ("fused", "clip", "frame")
 # Queries per ranking call: large enough for an efficient (Qb, D) x (D, C * F) product.
@@ -422,8 +422,8 @@ def _padded(x: np.ndarray, rows: int, fill: Any = 0) -> np.ndarray:
 
 
 def rank_queries(queries: EncodedQueries, corpus: EncodedCorpus, *, video_chunk: int,
-                 query_batch: int = DEFAULT_RANK_QUERY_BATCH, clip_weight: float = DEFAULT_CLIP_WEIGHT,
-                 frame_weight: float = DEFAULT_FRAME_WEIGHT,
+                 query_batch: int = DEFAULT_RANK_QUERY_BATCH, clip_weight: float = EvalConfig.clip_weight,
+                 frame_weight: float = EvalConfig.frame_weight,
                  mesh: Optional[Mesh] = None) -> dict[str, np.ndarray]:
   """1-based rank of each query's ground-truth video under the fused, clip and frame scores.
 
@@ -498,36 +498,28 @@ def recall_report(ranks: Mapping[str, np.ndarray]) -> dict[str, Any]:
 # A split of a built dataset.
 
 
-def fusion_weights(config: Any) -> tuple[float, float]:
-  """(clip_weight, frame_weight) from `config.eval` when present, else (0.4, 0.6)."""
-  section = config.get("eval") if hasattr(config, "get") else None
-  section = section or {}
-  return (float(section.get("clip_weight", DEFAULT_CLIP_WEIGHT)),
-          float(section.get("frame_weight", DEFAULT_FRAME_WEIGHT)))
-
-
-def evaluate_split_with_ranks(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir: str,
-                              split: str, *, mesh: Optional[Mesh] = None, progress: bool = True
+def evaluate_split_with_ranks(params: Any, model_cfg: ModelConfig, data: DataConfig,
+                              eval_cfg: EvalConfig, dataset_dir: str, split: str, *,
+                              mesh: Optional[Mesh] = None, progress: bool = True
                               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """`evaluate_split` that also returns the ranks ({'fused', 'clip', 'frame'}: (M,) int64)."""
   t0 = time.perf_counter()
   # Each process loads its share of the split (see the module docstring).
-  videos, queries = pipeline.eval_from_config(config, dataset_dir, split,
+  videos, queries = pipeline.eval_from_config(data, dataset_dir, split,
                                               process_index=jax.process_index(),
                                               process_count=jax.process_count(),
                                               caption_text_length=model_cfg.caption_token_length,
                                               caption_context_length=model_cfg.caption_context_length)
-  corpus = encode_videos(params, model_cfg, pipeline.iterator_from_config(config, videos), mesh=mesh,
+  corpus = encode_videos(params, model_cfg, pipeline.iterator_from_config(data, videos), mesh=mesh,
                          progress=progress, total=len(videos))
-  encoded = encode_queries(params, model_cfg, pipeline.iterator_from_config(config, queries), mesh=mesh,
+  encoded = encode_queries(params, model_cfg, pipeline.iterator_from_config(data, queries), mesh=mesh,
                            progress=progress, total=len(queries))
   if jax.process_count() > 1:
     whole = gather.allgather_rows(dict(clip_tokens=corpus.clip_tokens, frame_tokens=corpus.frame_tokens,
                                        clip_spans=corpus.clip_spans, video_index=corpus.video_index))
     corpus = EncodedCorpus(**whole, chunk_size=corpus.chunk_size)
-  clip_w, frame_w = fusion_weights(config)
-  ranks = rank_queries(encoded, corpus, video_chunk=corpus.chunk_size, clip_weight=clip_w,
-                       frame_weight=frame_w, mesh=mesh)
+  ranks = rank_queries(encoded, corpus, video_chunk=corpus.chunk_size, clip_weight=eval_cfg.clip_weight,
+                       frame_weight=eval_cfg.frame_weight, mesh=mesh)
   if jax.process_count() > 1:
     ranks = {k: v.astype(np.int64) for k, v in gather.in_split_order(ranks, encoded.query_index).items()}
   report = recall_report(ranks)
@@ -540,15 +532,16 @@ def evaluate_split_with_ranks(params: Any, model_cfg: ModelConfig, config: Any, 
   return report, ranks
 
 
-def evaluate_split(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir: str, split: str, *,
-                   mesh: Optional[Mesh] = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_split(params: Any, model_cfg: ModelConfig, data: DataConfig, eval_cfg: EvalConfig,
+                   dataset_dir: str, split: str, *, mesh: Optional[Mesh] = None,
+                   progress: bool = True) -> dict[str, Any]:
   """Text-to-video retrieval metrics of `params` on one split of a built dataset.
 
   Args:
     params: network parameters.
     model_cfg: the network's config.
-    config: the run config (`config.data` eval batch sizes and loader settings; optional
-      `config.eval.clip_weight` / `frame_weight`, default 0.4 / 0.6).
+    data: the run's `config.data` (eval batch sizes and loader settings).
+    eval_cfg: the run's `config.eval` (`clip_weight` / `frame_weight`: the score fusion).
     dataset_dir: the built dataset (see `prvr_jax.data.prepare`).
     split: split name.
     mesh: a 1-D `data` mesh (e.g. the training mesh): each video chunk is split over this
@@ -559,7 +552,7 @@ def evaluate_split(params: Any, model_cfg: ModelConfig, config: Any, dataset_dir
     {'R@1', 'R@5', 'R@10', 'R@100', 'SumR'} (percent, fused score), 'clip' and 'frame' dicts with
     the same keys, 'num_queries' and 'num_videos'.
   """
-  return evaluate_split_with_ranks(params, model_cfg, config, dataset_dir, split, mesh=mesh,
+  return evaluate_split_with_ranks(params, model_cfg, data, eval_cfg, dataset_dir, split, mesh=mesh,
                                    progress=progress)[0]
 
 

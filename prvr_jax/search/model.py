@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 from prvr_jax.models.config import ModelConfig
+from prvr_jax.run import Run, load_trained
 from prvr_jax.search.errors import SearchError
+from prvr_jax.train.checkpoint import MissingStepError
 
 WHICH = ("best", "latest")
 # CLIP captions never exceed 77 tokens (the text tower's positions).
@@ -97,18 +99,13 @@ def from_params(model_cfg: ModelConfig, params: Any, *, clip_weight: float = 0.4
                      min(limit, model_cfg.max_desc_len), bool(truncate_keep_eos), identity)
 
 
-def _restore_step(workdir: str, step: int) -> tuple[Any, Any]:
-  """(setup, params) of one given checkpoint step of a run (no dataset needed)."""
-  # pylint: disable=import-outside-toplevel  # training machinery only when a run is restored
-  from prvr_jax.train import checkpoint, loop
-
+def _restore_step(workdir: str, step: int) -> tuple[Run, Any]:
+  """(run, params) of one given checkpoint step of a run (no dataset needed)."""
   try:
-    setup, params, _ = loop.load_trained(workdir, step=step)
-  except checkpoint.CheckpointError as e:
-    if "is not there" in str(e):
-      raise SearchError(f"{e}; rebuild the index with this run") from None
-    raise
-  return setup, params
+    run, params, _ = load_trained(workdir, step=step)
+  except MissingStepError as e:
+    raise SearchError(f"{e}; rebuild the index with this run") from None
+  return run, params
 
 
 def load_search_model(workdir: str | os.PathLike, which: str = "best",
@@ -127,18 +124,15 @@ def load_search_model(workdir: str | os.PathLike, which: str = "best",
     SearchError: unknown `which`, or `step` no longer kept.
     prvr_jax.train.checkpoint.CheckpointError: no run / no checkpoint / corrupt checkpoint there.
   """
-  from prvr_jax.train import loop  # pylint: disable=import-outside-toplevel
-
   if which not in WHICH:
     raise SearchError(f"--which must be one of {WHICH}, got {which!r}")
   workdir = os.path.abspath(os.fspath(workdir))
   if step is None:
-    setup, params, step = loop.load_trained(workdir, which)
+    run, params, step = load_trained(workdir, which)
   else:
-    setup, params = _restore_step(workdir, int(step))
-  config = setup.config
-  return from_params(setup.model_cfg, params, clip_weight=config.eval.clip_weight,
-                     frame_weight=config.eval.frame_weight,
-                     max_caption_tokens=config.data.get("max_caption_tokens", 0),
-                     truncate_keep_eos=config.data.get("truncate_keep_eos", False),
+    run, params = _restore_step(workdir, int(step))
+  return from_params(run.model, params, clip_weight=run.eval.clip_weight,
+                     frame_weight=run.eval.frame_weight,
+                     max_caption_tokens=run.data.max_caption_tokens,
+                     truncate_keep_eos=run.data.truncate_keep_eos,
                      workdir=workdir, which=which, step=int(step))

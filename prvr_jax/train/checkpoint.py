@@ -26,6 +26,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored (corrupt, incompatible, missing)."""
 
 
+class MissingStepError(CheckpointError):
+  """A checkpoint step that is not (or no longer) kept in the run's checkpoints."""
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
 

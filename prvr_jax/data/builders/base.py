@@ -15,9 +15,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from prvr_jax.data import formats
-from prvr_jax.data.builders.records import SplitStats, VideoRecord, record_features
-
-from prvr_jax.data.builders import METADATA_KEY
+from prvr_jax.data.builders.records import METADATA_KEY, SplitStats, VideoRecord, record_features
 
 
 class PrvrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registration=True):

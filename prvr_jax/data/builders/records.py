@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 UNKNOWN = -1.0  # duration / moment value when the benchmark has no annotation
+METADATA_KEY = "prvr"  # the key of our entry in the dataset's metadata.json
 
 
 def record_features() -> Any:
