@@ -120,13 +120,13 @@ def _fake_outputs(b: int, key: jax.Array, cfg: ModelConfig = TVR_MODEL) -> tuple
 def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
   """Value and gradient (w.r.t. the model outputs) of the loss terms, TVR weights."""
   from prvr_jax.losses.total import msc_loss  # pylint: disable=import-outside-toplevel
-  from prvr_jax.ops.similarity import training_scores  # pylint: disable=import-outside-toplevel
 
   from prvr_jax.models.msc import last_token_features  # pylint: disable=import-outside-toplevel
 
   def scored(o, bt):
-    q, c, f = o["video_query"], o["clip_tokens"], o["frame_tokens"]
-    return dict(training_scores(q, c, f), video_query=q, encoded_clip_feat=c, encoded_frame_feat=f,
+    # The model-output fields the loss reads (msc_loss forms the score matrices from the tokens).
+    c, f = o["clip_tokens"], o["frame_tokens"]
+    return dict(o, encoded_clip_feat=c, encoded_frame_feat=f,
                 teacher=last_token_features(bt["text_feat"], bt["text_mask"]))
 
   variants = {

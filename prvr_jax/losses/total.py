@@ -1,8 +1,12 @@
-"""The MSC training objective: NCE + triplet (both scales) + TCPL + CBVA, with a dict of parts."""
+"""The MSC training objective: NCE + triplet (both scales) + TCPL + CBVA, with a dict of parts.
+
+`msc_objective` assembles it, once for every setting: on one device (`msc_loss`, the golden
+parity) and inside the sharded step's shard_map, which passes its cross-device hooks.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +14,7 @@ import jax.numpy as jnp
 from prvr_jax.losses import cbva, retrieval, tcpl
 from prvr_jax.losses.config import LossConfig
 from prvr_jax.ops import tome
+from prvr_jax.ops.similarity import training_scores
 
 
 def cbva_terms(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: LossConfig) -> dict[str, jax.Array]:
@@ -114,35 +119,93 @@ def total_of(parts: dict[str, jax.Array]) -> jax.Array:
           + parts["tcpl"] + parts["cbva"])
 
 
-def batch_masks(batch: dict[str, jax.Array], num_videos: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(labels (Q,) int32, query_valid (Q,), video_valid (B,)); absent masks mean all valid."""
+class CrossDevice(NamedTuple):
+  """How one device's share of a batch reaches the global batch: the hooks `msc_objective` takes.
+
+  Attributes:
+    gather: (n, ...) this device's rows -> (n * devices, ...) the global batch's, in device order.
+    mean: a value computed on every device -> its mean over the devices.
+    sum: a sum over this device's items -> the sum over every device's.
+  """
+
+  gather: Callable[[jax.Array], jax.Array]
+  mean: Callable[[jax.Array], jax.Array]
+  sum: Callable[[jax.Array], jax.Array]
+
+
+ONE_DEVICE = CrossDevice(gather=_identity, mean=_identity, sum=_identity)
+
+
+def loss_inputs(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The per-item arrays the objective reads (every one has the batch's items on axis 0).
+
+  Args:
+    out: `MSCNet.encode_batch` outputs (`video_query` (Q, D), `teacher` (Q, D_t), `clip_tokens`
+      (B, K, D), `frame_tokens` (B, F, D), `encoded_clip_feat` (B, K, D), `encoded_frame_feat`
+      (B, F, D)).
+    batch: `text_labels` (Q,) int, the prepared video inputs `clip_video_features` (B, K, D_v),
+      `merge_size` (B, K), `merged_frame_label` (B, F), and optional `query_valid` (Q,) /
+      `video_valid` (B,) bool masks (all valid when absent).
+
+  Returns:
+    dict of those arrays (labels as int32, masks filled in).
+  """
   labels = batch["text_labels"].astype(jnp.int32)
-  q_valid = batch.get("query_valid", jnp.ones(labels.shape, bool))
-  v_valid = batch.get("video_valid", jnp.ones((num_videos,), bool))
-  return labels, q_valid, v_valid
+  items = {k: out[k] for k in ("video_query", "teacher", "clip_tokens", "frame_tokens",
+                               "encoded_clip_feat", "encoded_frame_feat")}
+  items.update({k: batch[k] for k in ("clip_video_features", "merge_size", "merged_frame_label")})
+  items.update(text_labels=labels,
+               query_valid=batch.get("query_valid", jnp.ones(labels.shape, bool)),
+               video_valid=batch.get("video_valid", jnp.ones(out["clip_tokens"].shape[:1], bool)))
+  return items
+
+
+def msc_objective(items: dict[str, jax.Array], cfg: LossConfig, key: jax.Array,
+                  hard_negatives: jax.Array | bool, cross: CrossDevice = ONE_DEVICE
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The MSC objective: every term, assembled once for one device and for a split batch.
+
+  Queries are scored against every video of the global batch (`cross.gather` of the video
+  tokens) and the score rows gathered, so NCE, the triplet loss (same key on every device, hence
+  the same negatives) and global-scope TCPL see global arrays; their values are then
+  `cross.mean`-ed, so that the cotangents of the n identical copies sum back to the gradient of
+  one. CBVA is per video: each device merges its own videos, and the sums are `cross.sum`-ed.
+  With `ONE_DEVICE` every hook is the identity. A new loss term goes here (and into `total_of`).
+
+  Args:
+    items: `loss_inputs` of this device's share (Q_l queries, B_l videos); `text_labels` index
+      the global batch's videos.
+    cfg: loss configuration (static).
+    key: PRNG key of the random triplet negatives (the same on every device).
+    hard_negatives: traced bool, hardest-pool negatives when True.
+    cross: the cross-device hooks (`ONE_DEVICE`, or `train.sharded_step.DATA_PARALLEL` inside a
+      shard_map over the data axis).
+
+  Returns:
+    (total, parts), both equal on every device: the weighted terms `clip_nce`, `clip_trip`,
+    `frame_nce`, `frame_trip`, `tcpl`, `cbva`, the unweighted `clip_nce_unweighted`,
+    `frame_nce_unweighted`, `tcpl_distance`, `tcpl_angle`, `cbva_unweighted`, and `clip_count`
+    (mean adaptive clip count).
+  """
+  hard_negatives = jnp.asarray(hard_negatives, bool)
+  scores = training_scores(items["video_query"], cross.gather(items["clip_tokens"]),
+                           cross.gather(items["frame_tokens"]))
+  scores = {k: cross.gather(v) for k, v in scores.items()}
+  labels, q_valid = cross.gather(items["text_labels"]), cross.gather(items["query_valid"])
+  v_valid = cross.gather(items["video_valid"])
+  parts = retrieval_terms(scores, labels, q_valid, v_valid, cfg, key, hard_negatives)
+  if cfg.tcpl_scope == "global":
+    parts.update(tcpl_terms(cross.gather(items["video_query"]), cross.gather(items["teacher"]),
+                            q_valid, cfg))
+  else:
+    parts.update(tcpl_terms(items["video_query"], items["teacher"], items["query_valid"], cfg))
+  parts = {k: cross.mean(v) for k, v in parts.items()}
+  parts.update(cbva_parts(items, items, items["video_valid"], cfg, reduce_sum=cross.sum))
+  return total_of(parts), parts
 
 
 def msc_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: LossConfig,
              key: jax.Array, hard_negatives: jax.Array | bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and its parts on one device.
-
-  Args:
-    out: `MSCNet` outputs (score matrices (Q, B), `video_query` (Q, D), `teacher` (Q, D_t), the
-      TCPL teacher (the caption's EOS token feature), CBVA projections).
-    batch: model inputs plus `text_labels` (Q,) int, optional `query_valid` (Q,) and
-      `video_valid` (B,) bool masks (all valid when absent).
-    cfg: loss configuration (static).
-    key: PRNG key of the random triplet negatives.
-    hard_negatives: traced bool, hardest-pool negatives when True.
-
-  Returns:
-    (total, parts) where parts holds the weighted terms `clip_nce`, `clip_trip`, `frame_nce`,
-    `frame_trip`, `tcpl`, `cbva`, the unweighted `clip_nce_unweighted`, `frame_nce_unweighted`,
-    `tcpl_distance`, `tcpl_angle`, `cbva_unweighted`, and `clip_count` (mean adaptive clip count).
-  """
-  labels, q_valid, v_valid = batch_masks(batch, out["clip_scale_scores"].shape[1])
-  hard_negatives = jnp.asarray(hard_negatives, bool)
-  parts = retrieval_terms(out, labels, q_valid, v_valid, cfg, key, hard_negatives)
-  parts.update(tcpl_terms(out["video_query"], out["teacher"], q_valid, cfg))
-  parts.update(cbva_parts(out, batch, v_valid, cfg))
-  return total_of(parts), parts
+  """`msc_objective` on one device from the model's outputs and the batch (see `loss_inputs`;
+  the score matrices are formed from the tokens, so outputs without them work too)."""
+  return msc_objective(loss_inputs(out, batch), cfg, key, hard_negatives)

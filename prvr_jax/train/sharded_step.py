@@ -5,14 +5,15 @@ Per step:
   1. OP-ToMe and the encoders run on each device's videos and queries (plain jit: the batch
      arrays are split over `data`, so XLA partitions this per item; dropout bits are drawn for
      the global shape with partitionable threefry, hence independent of the device count).
-  2. The loss runs in `shard_map`. Each device all-gathers the other devices' video tokens, scores
-     its own queries against every video of the global batch, and all-gathers the score rows,
-     the pooled queries and the masks. NCE, triplet (same key everywhere, so the same negatives)
-     and global-scope TCPL are then computed on global arrays, identical on every device, and
-     `pmean`-ed: the value is the single-device loss, and the cotangents 1/n of the n copies sum
-     back (through the all-gathers' transposes, psum_scatter) to exactly the single-device
-     gradient. CBVA is per video, so each device merges only its own videos and the sums are
-     `psum`-ed before dividing by the global number of videos.
+  2. The loss runs in `shard_map`: the one assembly of the objective (`losses.total.msc_objective`)
+     with the data axis's hooks (`DATA_PARALLEL`). Each device all-gathers the other devices'
+     video tokens, scores its own queries against every video of the global batch, and
+     all-gathers the score rows, the pooled queries and the masks. NCE, triplet (same key
+     everywhere, so the same negatives) and global-scope TCPL are then computed on global arrays,
+     identical on every device, and `pmean`-ed: the value is the single-device loss, and the
+     cotangents 1/n of the n copies sum back (through the all-gathers' transposes, psum_scatter)
+     to exactly the single-device gradient. CBVA is per video, so each device merges only its own
+     videos and the sums are `psum`-ed before dividing by the global number of videos.
   3. `value_and_grad` is taken once, outside the shard_map; parameters are replicated, so their
      gradient is one all-reduce inserted by XLA (no second reduction).
 """
@@ -23,57 +24,21 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from prvr_jax.losses.config import LossConfig
-from prvr_jax.losses.total import cbva_parts, retrieval_terms, tcpl_terms, total_of
+from prvr_jax.losses.total import CrossDevice, msc_objective
 from prvr_jax.models.config import ModelConfig
-from prvr_jax.models.msc import MSCNet
-from prvr_jax.ops.similarity import training_scores
 from prvr_jax.parallel import DATA_AXIS, batch_sharding, replicated
-from prvr_jax.train.step import TrainState, train_step_from_loss_fn
+from prvr_jax.train.step import TrainState, make_loss_fn, train_step_from_loss_fn
 
-# Per-item arrays the loss needs: split over `data` along their leading axis.
-_LOSS_INPUTS = ("video_query", "teacher", "text_labels", "query_valid", "clip_tokens",
-                "frame_tokens", "encoded_clip_feat", "encoded_frame_feat", "video_valid",
-                "clip_video_features", "merge_size", "merged_frame_label")
-
-
-def _gather(x: jax.Array) -> jax.Array:
-  return lax.all_gather(x, DATA_AXIS, axis=0, tiled=True)
-
-
-def sharded_msc_loss(local: dict[str, jax.Array], key: jax.Array, hard_negatives: jax.Array,
-                     cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Body of the shard_map: one device's share of the MSC loss (see the module docstring).
-
-  Args:
-    local: this device's `_LOSS_INPUTS` (Q_l queries, B_l videos); `text_labels` index the
-      global batch's videos.
-    key: PRNG key of the triplet negatives (replicated).
-    hard_negatives: traced bool (replicated).
-    cfg: loss configuration.
-
-  Returns:
-    (total, parts), both replicated: equal to `msc_loss` on the global batch.
-  """
-  scores_local = training_scores(local["video_query"], _gather(local["clip_tokens"]),
-                                 _gather(local["frame_tokens"]))
-  scores = {k: _gather(v) for k, v in scores_local.items()}
-  labels, q_valid = _gather(local["text_labels"]), _gather(local["query_valid"])
-  v_valid = _gather(local["video_valid"])
-  parts = retrieval_terms(scores, labels, q_valid, v_valid, cfg, key, hard_negatives)
-  if cfg.tcpl_scope == "global":
-    parts.update(tcpl_terms(_gather(local["video_query"]), _gather(local["teacher"]), q_valid, cfg))
-  else:
-    parts.update(tcpl_terms(local["video_query"], local["teacher"], local["query_valid"], cfg))
-  parts = {k: lax.pmean(v, DATA_AXIS) for k, v in parts.items()}
-  parts.update(cbva_parts(local, local, local["video_valid"], cfg,
-                          reduce_sum=functools.partial(lax.psum, axis_name=DATA_AXIS)))
-  return total_of(parts), parts
+# The objective's cross-device hooks inside a shard_map over the data axis.
+DATA_PARALLEL = CrossDevice(
+    gather=functools.partial(lax.all_gather, axis_name=DATA_AXIS, axis=0, tiled=True),
+    mean=functools.partial(lax.pmean, axis_name=DATA_AXIS),
+    sum=functools.partial(lax.psum, axis_name=DATA_AXIS))
 
 
 def make_sharded_loss_fn(model_cfg: ModelConfig, loss_cfg: LossConfig,
@@ -84,28 +49,17 @@ def make_sharded_loss_fn(model_cfg: ModelConfig, loss_cfg: LossConfig,
   and `text_mask`, or `caption_ids` / `caption_id_mask` for a model with a caption tower),
   `text_labels` (Q,) (global video index), `query_valid` (Q,), `video_valid` (B,); B and Q must
   divide by the device count, and each device's queries must belong to its own videos (the
-  loader's layout: C captions per video, video-major).
+  loader's layout: C captions per video, video-major). The value equals the one-device loss on
+  the global batch.
   """
-  model = MSCNet(model_cfg)
-  spec = {k: P(DATA_AXIS) for k in _LOSS_INPUTS}
-  loss_in_mesh = jax.shard_map(functools.partial(sharded_msc_loss, cfg=loss_cfg), mesh=mesh,
-                               in_specs=(spec, P(), P()), out_specs=(P(), P()))
 
-  def loss_fn(params, inputs, key, hard_negatives):
-    dropout_key, negatives_key = jax.random.split(key)
-    out = model.apply({"params": params}, inputs, deterministic=False,
-                      rngs={"dropout": dropout_key}, method=MSCNet.encode_batch)
-    labels = inputs["text_labels"].astype(jnp.int32)
-    local = dict(
-        out, text_labels=labels,
-        query_valid=inputs.get("query_valid", jnp.ones(labels.shape, bool)),
-        video_valid=inputs.get("video_valid", jnp.ones(out["clip_tokens"].shape[:1], bool)),
-        clip_video_features=inputs["clip_video_features"], merge_size=inputs["merge_size"],
-        merged_frame_label=inputs["merged_frame_label"])
-    local = {k: local[k] for k in _LOSS_INPUTS}
-    return loss_in_mesh(local, negatives_key, jnp.asarray(hard_negatives, bool))
+  def objective(items, key, hard_negatives):
+    return msc_objective(items, loss_cfg, key, hard_negatives, DATA_PARALLEL)
 
-  return loss_fn
+  # Every per-item input is split over `data` along its leading axis; key and switch replicated.
+  in_mesh = jax.shard_map(objective, mesh=mesh, in_specs=(P(DATA_AXIS), P(), P()),
+                          out_specs=(P(), P()))
+  return make_loss_fn(model_cfg, loss_cfg, objective=in_mesh)
 
 
 def make_sharded_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig,

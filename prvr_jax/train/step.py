@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from prvr_jax.losses.config import LossConfig
-from prvr_jax.losses.total import msc_loss
+from prvr_jax.losses.total import loss_inputs, msc_objective
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet
 from prvr_jax.ops.video_inputs import prepare_video_inputs
@@ -30,18 +30,25 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> 
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def make_loss_fn(model_cfg: ModelConfig, loss_cfg: LossConfig) -> Callable[..., tuple[jax.Array, dict]]:
-  """Returns loss_fn(params, batch, key, hard_negatives, deterministic) -> (loss, parts).
+def make_loss_fn(model_cfg: ModelConfig, loss_cfg: LossConfig,
+                 objective: Optional[Callable[..., tuple[jax.Array, dict]]] = None
+                 ) -> Callable[..., tuple[jax.Array, dict]]:
+  """Returns loss_fn(params, batch, key, hard_negatives, deterministic=False) -> (loss, parts).
 
-  `batch` holds prepared video inputs (see `prepare_video_inputs`) and the text fields.
+  `batch` holds prepared video inputs (see `prepare_video_inputs`) and the text fields. The
+  network encodes every item; `objective(items, key, hard_negatives)` turns their `loss_inputs`
+  into (loss, parts): by default the one-device `msc_objective` (the sharded step passes it
+  wrapped in a shard_map).
   """
   model = MSCNet(model_cfg)
+  if objective is None:
+    objective = lambda items, key, hard: msc_objective(items, loss_cfg, key, hard)
 
   def loss_fn(params, batch, key, hard_negatives, deterministic: bool = False):
     dropout_key, negatives_key = jax.random.split(key)
     out = model.apply({"params": params}, batch, deterministic=deterministic,
-                      rngs={"dropout": dropout_key})
-    return msc_loss(out, batch, loss_cfg, negatives_key, hard_negatives)
+                      rngs={"dropout": dropout_key}, method=MSCNet.encode_batch)
+    return objective(loss_inputs(out, batch), negatives_key, jnp.asarray(hard_negatives, bool))
 
   return loss_fn
 
