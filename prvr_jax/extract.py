@@ -65,7 +65,7 @@ def run(args: argparse.Namespace):
     return extract_videos(encoders, params, args.videos, args.fps, args.out, batch=args.batch,
                           max_items=args.max_items, info=info, progress=not args.quiet)
   from prvr_jax.clip.text_features import extract_captions  # pylint: disable=import-outside-toplevel
-  from prvr_jax.clip.tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
+  from prvr_jax.text.tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
   from prvr_jax.clip.video_features import ExtractError  # pylint: disable=import-outside-toplevel
 
   tokenizer = ClipTokenizer(max_length=config.text.context_length)
@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from prvr_jax.clip.config import ClipConfigError
   from prvr_jax.clip.feature_store import StoreError
   from prvr_jax.clip.load import CheckpointError
-  from prvr_jax.clip.tokenizer import TokenizerError
+  from prvr_jax.text.tokenizer import TokenizerError
   from prvr_jax.clip.video import VideoError
   from prvr_jax.clip.video_features import ExtractError
   # pylint: enable=import-outside-toplevel

@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from prvr_jax import extract
 from prvr_jax.clip.load import load_clip
-from prvr_jax.clip.tokenizer import ClipTokenizer
+from prvr_jax.text.tokenizer import ClipTokenizer
 from prvr_jax.data import pipeline
 from prvr_jax.data.config import DataConfig
 from prvr_jax.models import caption_tower as ct

@@ -13,7 +13,7 @@ import gzip
 import numpy as np
 import pytest
 
-from prvr_jax.clip.tokenizer import ClipTokenizer, TokenizerError, read_bpe
+from prvr_jax.text.tokenizer import ClipTokenizer, TokenizerError, read_bpe
 
 # (text, original ids).
 EXPECTED = [

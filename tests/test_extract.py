@@ -217,7 +217,7 @@ def test_extract_captions(checkpoint, tmp_path, capsys):
   config, params = load_clip(checkpoint, towers=("text",))
   enc = ClipEncoders(config)
   # "a man plays the guitar ." -> BOS + 6 pieces + EOS.
-  from prvr_jax.clip.tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
+  from prvr_jax.text.tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
   tok = ClipTokenizer()(["A man plays the guitar."])
   _, _, projected = enc.encode_text(params, tok.input_ids, tok.attention_mask)
   with h5py.File(out) as f:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from prvr_jax.convert import torch_msc
+from prvr_jax.convert import state_dict, torch_msc
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.layers import gaussian_prior
 from prvr_jax.models.msc import MSCNet, init_params, last_token_features
@@ -18,7 +18,7 @@ FEAT_TOL = dict(atol=1e-4, rtol=1e-4)
 
 @pytest.fixture(scope="module")
 def converted(golden):
-  return torch_msc.convert(torch_msc.golden_state_dict(golden), num_heads=4, sft_factor=0.09)
+  return state_dict.convert(state_dict.golden_state_dict(golden), num_heads=4, sft_factor=0.09)
 
 
 @pytest.fixture(scope="module")
@@ -123,43 +123,43 @@ def test_converter_roundtrip_other_shapes():
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(3)))
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
-  sd = torch_msc.params_to_torch_names(params)
+  sd = state_dict.params_to_torch_names(params)
   assert sd["weight_token"].shape == (1, 1, 48)
   assert sd["frame_encoder_1.attn7.self.query.weight"].shape == (48, 48)
   assert sd["modular_vector_mapping.weight"].shape == (1, 48)
-  cfg2, params2 = torch_msc.convert(sd, num_heads=3, sft_factor=0.5)
+  cfg2, params2 = state_dict.convert(sd, num_heads=3, sft_factor=0.5)
   assert cfg2 == cfg
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
 
 
 def _golden_sd(golden):
-  return torch_msc.golden_state_dict(golden)
+  return state_dict.golden_state_dict(golden)
 
 
 def test_converter_rejects_missing_parameter(golden):
   sd = _golden_sd(golden)
   del sd["clip_encoder.attn3.norm2.bias"]
-  with pytest.raises(torch_msc.ConversionError, match="lacks 1 parameters"):
-    torch_msc.convert(sd)
+  with pytest.raises(state_dict.ConversionError, match="lacks 1 parameters"):
+    state_dict.convert(sd)
 
 
 def test_converter_rejects_wrong_shape_naming_key(golden):
   sd = _golden_sd(golden)
   sd["vproj_clip.bias"] = np.zeros((65,), np.float32)
-  with pytest.raises(torch_msc.ConversionError, match="vproj_clip.bias"):
-    torch_msc.convert(sd)
+  with pytest.raises(state_dict.ConversionError, match="vproj_clip.bias"):
+    state_dict.convert(sd)
 
 
 def test_converter_rejects_unknown_and_nan(golden):
   sd = _golden_sd(golden)
   sd["extra_head.weight"] = np.zeros((3, 3), np.float32)
-  with pytest.raises(torch_msc.ConversionError, match="extra_head.weight"):
-    torch_msc.convert(sd)
+  with pytest.raises(state_dict.ConversionError, match="extra_head.weight"):
+    state_dict.convert(sd)
   sd = _golden_sd(golden)
   sd["query_encoder.self.key.weight"] = sd["query_encoder.self.key.weight"].copy()
   sd["query_encoder.self.key.weight"][0, 0] = np.nan
-  with pytest.raises(torch_msc.ConversionError, match="query_encoder.self.key.weight.*NaN"):
-    torch_msc.convert(sd)
+  with pytest.raises(state_dict.ConversionError, match="query_encoder.self.key.weight.*NaN"):
+    state_dict.convert(sd)
 
 
 def test_reads_authors_checkpoint_file(golden, tmp_path):
@@ -170,7 +170,7 @@ def test_reads_authors_checkpoint_file(golden, tmp_path):
   torch.save({"config": {"lr": 3e-4, "collection": "tvr"}, "epoch": 3, "model_val": 10.5,
               "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}, path)
   loaded = torch_msc.load_torch_checkpoint(path)
-  _, params = torch_msc.convert(loaded, num_heads=4, sft_factor=0.09)
+  _, params = state_dict.convert(loaded, num_heads=4, sft_factor=0.09)
   np.testing.assert_array_equal(params["vproj_clip"]["kernel"], golden["param/vproj_clip.weight"].T)
   out_file = tmp_path / "params.msgpack"
   assert torch_msc.main(["--ckpt", str(path), "--out", str(out_file)]) == 0
@@ -181,7 +181,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
   pytest.importorskip("torch")
   bad = tmp_path / "broken.pth"
   bad.write_bytes(b"not a checkpoint at all")
-  with pytest.raises(torch_msc.ConversionError, match="broken.pth"):
+  with pytest.raises(state_dict.ConversionError, match="broken.pth"):
     torch_msc.load_torch_checkpoint(bad)
   assert torch_msc.main(["--ckpt", str(bad)]) == 2
   assert "error: cannot read checkpoint" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from prvr_jax.convert import state_dict
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import init_params
 from prvr_jax.train import optim
@@ -73,6 +74,24 @@ def test_reference_decay_mask_follows_torch_names():
   assert mask["query_encoder/norm1/scale"] and mask["frame_encoder/branch3/norm2/scale"]
   assert mask["weight_token"] and mask["query_pos_embed/embedding"]
   assert sum(mask.values()) == 146 and len(mask) == 299
+
+
+def test_one_decay_rule_is_the_references_and_covers_the_caption_tower():
+  """By our names, the rule equals the reference's by torch names (tested on the whole network),
+  and a CLIP text tower's biases and LayerNorms are exempt too."""
+  cfg = ModelConfig(hidden_size=16, num_heads=2, visual_input_size=8, query_input_size=8)
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  mask = traverse_util.flatten_dict(optim.reference_decay_mask(shapes))
+  by_torch_name = {path: not ("bias" in name or "LayerNorm" in name)
+                   for path, (name, _) in state_dict.torch_name_index(shapes).items()}
+  assert mask == by_torch_name
+  tower = {"caption_tower": {"text_model": {
+      "final_layer_norm": {"scale": 0, "bias": 0},
+      "encoder": {"layers_0": {"layer_norm1": {"scale": 0}, "mlp": {"fc1": {"kernel": 0, "bias": 0}}}}},
+      "text_projection": {"kernel": 0}}}
+  got = traverse_util.flatten_dict(optim.reference_decay_mask(tower), sep="/")
+  assert {k for k, v in got.items() if v} == {
+      "caption_tower/text_model/encoder/layers_0/mlp/fc1/kernel", "caption_tower/text_projection/kernel"}
 
 
 def test_make_optimizer_rejects_unknown():

@@ -11,9 +11,9 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+from prvr_jax.text.tokenizer import CLIP_CONTEXT_LENGTH
+
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
-# CLIP's tokenizer context: BOS ... EOS in at most 77 ids (longer texts are truncated, EOS kept).
-CLIP_CONTEXT_LENGTH = 77
 
 
 class ClipConfigError(ValueError):

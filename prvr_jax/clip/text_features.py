@@ -20,7 +20,7 @@ import tqdm
 from prvr_jax.clip.feature_store import FeatureStore
 from prvr_jax.clip.model import ClipEncoders
 from prvr_jax.clip.summary import Summary
-from prvr_jax.clip.tokenizer import ClipTokenizer
+from prvr_jax.text.tokenizer import ClipTokenizer
 from prvr_jax.clip.video_features import ExtractError
 from prvr_jax.data import formats
 

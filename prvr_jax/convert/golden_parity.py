@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from prvr_jax.convert.torch_msc import ConversionError, convert, golden_state_dict, params_to_torch_names
+from prvr_jax.convert.state_dict import ConversionError, convert, golden_state_dict, params_to_torch_names
 from prvr_jax.data import preprocess
 from prvr_jax.eval.metrics import gt_ranks, recall_at_k
 from prvr_jax.losses.config import LossConfig

@@ -31,11 +31,11 @@ from typing import Any, Mapping, Optional, Sequence
 import grain
 import numpy as np
 
-from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH
 from prvr_jax.data import builders
 from prvr_jax.data.builders.records import METADATA_KEY
 from prvr_jax.data.config import DataConfig
 from prvr_jax.data.preprocess import DEFAULT_LENGTH, l2_normalize, resample_to_fixed_length
+from prvr_jax.text.tokenizer import CLIP_CONTEXT_LENGTH, ClipTokenizer
 
 # Keys the jitted train step takes; the others are numpy bookkeeping. A model with an in-model
 # CLIP text tower takes tokenised captions (CAPTION_ID_KEYS) in place of TEXT_FEATURE_KEYS.
@@ -294,8 +294,6 @@ class CaptionTokenizer:
     # "Already borrowed".
     with self._lock:
       if self._tokenizer is None:
-        from prvr_jax.clip.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
-
         self._tokenizer = ClipTokenizer(max_length=self.context_length)
       ids = np.full((rows, self.length), self._tokenizer.eos_id, np.int32)
       mask = np.zeros((rows, self.length), np.int32)

@@ -180,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # pylint: disable=import-outside-toplevel
   from prvr_jax.clip.config import ClipConfigError
   from prvr_jax.clip.load import CheckpointError as ClipCheckpointError
-  from prvr_jax.clip.tokenizer import TokenizerError
+  from prvr_jax.text.tokenizer import TokenizerError
   from prvr_jax.data.formats import DataError
   from prvr_jax.search.errors import SearchError
   from prvr_jax.train.checkpoint import CheckpointError

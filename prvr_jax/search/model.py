@@ -19,11 +19,10 @@ import numpy as np
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.run import Run, load_trained
 from prvr_jax.search.errors import SearchError
+from prvr_jax.text.tokenizer import CLIP_CONTEXT_LENGTH
 from prvr_jax.train.checkpoint import MissingStepError
 
 WHICH = ("best", "latest")
-# CLIP captions never exceed 77 tokens (the text tower's positions).
-CLIP_MAX_TOKENS = 77
 
 
 def config_hash(model_cfg: ModelConfig) -> str:
@@ -89,7 +88,7 @@ def from_params(model_cfg: ModelConfig, params: Any, *, clip_weight: float = 0.4
   Returns:
     The SearchModel.
   """
-  limit = int(max_caption_tokens) if max_caption_tokens > 0 else CLIP_MAX_TOKENS
+  limit = int(max_caption_tokens) if max_caption_tokens > 0 else CLIP_CONTEXT_LENGTH
   # Search runs on one device: a restored run's parameters are replicated over its whole mesh.
   params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
   identity = dict(workdir=workdir, which=which, step=int(step), config_hash=config_hash(model_cfg),

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from prvr_jax.clip.model import ClipEncoders
-from prvr_jax.clip.tokenizer import ClipTokenizer
+from prvr_jax.text.tokenizer import ClipTokenizer
 from prvr_jax.data.pipeline import CaptionTokenizer
 from prvr_jax.eval.evaluate import make_query_encoder
 from prvr_jax.models.caption_tower import caption_rows

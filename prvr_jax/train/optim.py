@@ -14,15 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax import traverse_util
-
-from prvr_jax.convert.torch_msc import torch_name_index
-from prvr_jax.models.caption_tower import PARAMS_KEY as CAPTION_TOWER_KEY
 from prvr_jax.models.caption_tower import CaptionTowerConfig, trainable_labels
-
-# The reference exempts parameters whose torch name contains one of these from weight decay. Its
-# post-attention norms are named `norm1`/`norm2`, so they *are* decayed; we keep that.
-REFERENCE_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
 
 
 def clip_by_per_tensor_norm(max_norm: float) -> optax.GradientTransformation:
@@ -79,25 +71,23 @@ def warmup_linear_schedule(peak_lr: float, total_steps: int, warmup_fraction: fl
   return schedule
 
 
-def reference_decay_mask(params: Any) -> Any:
-  """True where the reference applies weight decay (by its torch parameter names).
+def is_decayed(path: tuple[Any, ...]) -> bool:
+  """Whether the parameter at `path` (a pytree key path) gets weight decay: every one but biases
+  and LayerNorm parameters.
 
-  An in-model CLIP text tower (`caption_tower`, which the reference does not have) follows the
-  same rule by its own names: biases and LayerNorm parameters are not decayed.
+  The reference exempts torch names containing 'bias' or 'LayerNorm'; our LayerNorms are the
+  `*layer_norm*` modules (MSC's `layer_norm`, CLIP's `layer_norm1/2` and `final_layer_norm`), so
+  one rule by our names covers the network and an in-model CLIP text tower alike. The
+  transformer layers' post-attention norms are named `norm1`/`norm2` (there as here): they are
+  decayed, as in the reference.
   """
-  rest = {k: v for k, v in params.items() if k != CAPTION_TOWER_KEY}
-  decayed = {path: not any(nd in name for nd in REFERENCE_NO_DECAY)
-             for path, (name, _) in torch_name_index(rest).items()}
-  mask = traverse_util.unflatten_dict(decayed)
-  if CAPTION_TOWER_KEY in params:
-    mask[CAPTION_TOWER_KEY] = jax.tree_util.tree_map_with_path(
-        lambda path, _: not _is_bias_or_norm(path), params[CAPTION_TOWER_KEY])
-  return mask
-
-
-def _is_bias_or_norm(path: tuple[Any, ...]) -> bool:
   names = [getattr(k, "key", str(k)) for k in path]
-  return names[-1] == "bias" or any("layer_norm" in n for n in names)
+  return names[-1] != "bias" and not any("layer_norm" in n for n in names)
+
+
+def reference_decay_mask(params: Any) -> Any:
+  """A params-shaped tree: True where weight decay applies (`is_decayed`)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_decayed(path), params)
 
 
 def bert_adam(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999,

@@ -1,7 +1,7 @@
 """Offline CLIP tokenizer: transformers' CLIPTokenizer built from the vendored BPE merge list.
 
 Ids equal those of OpenAI's original `clip.tokenize`: the same cleaning runs first
-(`text_clean.clean_text`), transformers' own normaliser is switched off so it cannot clean twice,
+(`clean.clean_text`), transformers' own normaliser is switched off so it cannot clean twice,
 and a sequence is [BOS] + up to `max_length - 2` word pieces + [EOS] (truncation keeps EOS), padded
 with EOS ids and a 0 attention mask.
 """
@@ -15,10 +15,12 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from prvr_jax.clip import text_clean
+from prvr_jax.text import clean
 
 DEFAULT_BPE_PATH = (pathlib.Path(__file__).resolve().parents[2] / "third_party" / "clip_bpe" /
                     "bpe_simple_vocab_16e6.txt.gz")
+# CLIP's tokenizer context: BOS ... EOS in at most 77 ids (longer texts are truncated, EOS kept).
+CLIP_CONTEXT_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 # The original keeps the first 49152 - 256 - 2 merges, giving a vocabulary of 49408.
@@ -118,7 +120,7 @@ class ClipTokenizer:
     Returns:
       N lists of ids.
     """
-    cleaned = [text_clean.clean_text(t) for t in texts]
+    cleaned = [clean.clean_text(t) for t in texts]
     return self._hf(cleaned, add_special_tokens=False)["input_ids"]
 
   def __call__(self, texts: Sequence[str]) -> TokenizedText:
