@@ -21,6 +21,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from prvr_jax.errors import PrvrError
 from prvr_jax.utils import host_memory
 
 
@@ -80,19 +81,9 @@ def run(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Command line entry point; returns the exit status (see the module docstring)."""
   args = _parser().parse_args(argv)
-  # pylint: disable=import-outside-toplevel  # after parsing, so that --help is instant
-  from prvr_jax.clip.config import ClipConfigError
-  from prvr_jax.clip.feature_store import StoreError
-  from prvr_jax.clip.load import CheckpointError
-  from prvr_jax.text.tokenizer import TokenizerError
-  from prvr_jax.clip.video import VideoError
-  from prvr_jax.clip.video_features import ExtractError
-  # pylint: enable=import-outside-toplevel
-  # Errors that stop the run before or outside any single item; each message names the file.
-  fatal = (CheckpointError, ClipConfigError, ExtractError, StoreError, TokenizerError, VideoError)
   try:
     summary = run(args)
-  except fatal as e:
+  except PrvrError as e:  # stops the run before or outside any single item; names the file
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(summary.text())

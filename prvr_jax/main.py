@@ -21,6 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from prvr_jax.errors import PrvrError
 from prvr_jax.utils import host_memory
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -35,33 +36,40 @@ _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
 
 
 def run(config, workdir: str, mode: str, checkpoint: str = "best") -> int:
-  """Runs one mode; returns the process exit code. Bad input is one message, not a traceback."""
-  # Imported here: grain workers re-import __main__, and must not pull in JAX-heavy modules.
-  from prvr_jax.data.config import DataConfig  # pylint: disable=import-outside-toplevel
-  from prvr_jax.data.formats import DataError  # pylint: disable=import-outside-toplevel
-  from prvr_jax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
+  """Runs one mode; returns the process exit code.
 
-  expected = (DataError, ValueError, KeyError, FileNotFoundError)
+  A user error (`PrvrError`: bad input, a bad config value, a missing or corrupt checkpoint, a
+  non-finite loss) is one `error:` line and status 2; any other exception is a bug and leaves
+  with its traceback.
+  """
   try:
-    if mode == "prepare":
-      prepare(DataConfig.from_config_dict(config.data), workdir)
-      return 0
-    from prvr_jax import parallel  # pylint: disable=import-outside-toplevel
-    from prvr_jax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-    from prvr_jax.train import loop, report  # pylint: disable=import-outside-toplevel
-
-    parallel.initialize_distributed()
-    expected += (ckpt.CheckpointError, loop.NonFiniteLossError)
-    if mode == "train":
-      summary = loop.train_and_evaluate(config, workdir)
-      print(report.summary_line(summary, workdir), file=sys.stderr)
-    else:
-      report.evaluate_run(workdir, which=checkpoint)
-    return 0
-  except expected as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"error: {message}", file=sys.stderr)
+    _run_mode(config, workdir, mode, checkpoint)
+  except PrvrError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
+  return 0
+
+
+def _run_mode(config, workdir: str, mode: str, checkpoint: str) -> None:
+  # pylint: disable=import-outside-toplevel
+  # Imported here, not at the top: grain workers re-import __main__ and must not load JAX, and
+  # nothing heavy should load before the malloc re-exec of the `__main__` block.
+  from prvr_jax.data.config import DataConfig
+  from prvr_jax.data.prepare import prepare
+
+  if mode == "prepare":
+    prepare(DataConfig.from_config_dict(config.data), workdir)
+    return
+  from prvr_jax import parallel
+  from prvr_jax.train import loop, report
+  # pylint: enable=import-outside-toplevel
+
+  parallel.initialize_distributed()
+  if mode == "train":
+    summary = loop.train_and_evaluate(config, workdir)
+    print(report.summary_line(summary, workdir), file=sys.stderr)
+  else:
+    report.evaluate_run(workdir, which=checkpoint)
 
 
 def main(argv: list[str]) -> None:

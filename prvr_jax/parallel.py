@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from prvr_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 # Environment of an explicit multi-process start (launch/local_multiprocess.sh sets these).
 ENV_COORDINATOR = "PRVR_COORDINATOR_ADDRESS"
@@ -37,7 +39,7 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     try:
       num, pid = int(env[ENV_NUM_PROCESSES]), int(env[ENV_PROCESS_ID])
     except (KeyError, ValueError) as e:
-      raise ValueError(f"{ENV_COORDINATOR} is set, so {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} must "
+      raise ConfigError(f"{ENV_COORDINATOR} is set, so {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} must "
                        f"be integers ({e})") from None
     # CPU processes exchange collectives through gloo; accelerators use their own transport.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -66,7 +68,7 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str = "data.batch_size") 
   """A global batch must split evenly over the devices (and hence over the processes)."""
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"{what}={batch_size} does not divide by the {n} devices of the mesh; use a "
+    raise ConfigError(f"{what}={batch_size} does not divide by the {n} devices of the mesh; use a "
                      f"multiple of {n} (the default configs use multiples of 8)")
 
 

@@ -11,12 +11,13 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+from prvr_jax.errors import PrvrError
 from prvr_jax.text.tokenizer import CLIP_CONTEXT_LENGTH
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
-class ClipConfigError(ValueError):
+class ClipConfigError(PrvrError, ValueError):
   """A config.json that does not describe a CLIP model we can build; names the file and field."""
 
 

@@ -24,10 +24,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from prvr_jax.errors import PrvrError
 from prvr_jax.utils.files import atomic_write_bytes
 
 
-class StoreError(ValueError):
+class StoreError(PrvrError, ValueError):
   """An output file or part that cannot be used; names the file and the item."""
 
 

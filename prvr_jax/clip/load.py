@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from prvr_jax.clip.config import ClipConfig, TowerConfig, read_config
+from prvr_jax.errors import PrvrError
 
 TOWERS = ("text", "vision")
 # Tensors a checkpoint may carry that encoding does not use: the contrastive temperature, and
@@ -25,7 +26,7 @@ _UNUSED = ("logit_scale", "text_model.embeddings.position_ids",
            "vision_model.embeddings.position_ids")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PrvrError, ValueError):
   """A checkpoint that does not match the config; the message names the file and the tensor."""
 
 

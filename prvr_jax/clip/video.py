@@ -20,11 +20,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from prvr_jax.errors import PrvrError
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ts")
 
 
-class VideoError(ValueError):
+class VideoError(PrvrError, ValueError):
   """A video that cannot be used; `reason` says why in words."""
 
   def __init__(self, path: str | os.PathLike, reason: str):

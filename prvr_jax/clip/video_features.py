@@ -25,9 +25,10 @@ from prvr_jax.clip.feature_store import FeatureStore
 from prvr_jax.clip.model import ClipEncoders
 from prvr_jax.clip.summary import Summary
 from prvr_jax.clip.video import SampleInfo, VideoError, list_videos, sample_frames
+from prvr_jax.errors import PrvrError
 
 
-class ExtractError(ValueError):
+class ExtractError(PrvrError, ValueError):
   """A problem that stops a whole run (bad arguments, duplicate ids); names the file."""
 
 

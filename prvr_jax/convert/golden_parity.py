@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from prvr_jax.convert.state_dict import ConversionError, convert, golden_state_dict, params_to_torch_names
 from prvr_jax.data import preprocess
+from prvr_jax.errors import PrvrError
 from prvr_jax.eval.metrics import gt_ranks, recall_at_k
 from prvr_jax.losses.config import LossConfig
 from prvr_jax.losses.total import cbva_terms, msc_loss
@@ -56,7 +57,7 @@ class Row:
     return TOLERANCES.get(self.kind, (float("nan"), float("nan")))
 
 
-class ParityError(ValueError):
+class ParityError(PrvrError, ValueError):
   """A golden file that is not of the documented format; the message names the file and key."""
 
 
@@ -115,33 +116,43 @@ def load_golden(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   return data
 
 
-def run_parity(path: str | pathlib.Path) -> list[Row]:
-  """Runs the pipeline on the golden file at `path`; one `Row` per compared (or skipped) key."""
-  g = load_golden(path)
-  meta = json.loads(str(g["config/json"]))
-  rows: list[Row] = []
+class _Checks:
+  """The rows of a parity run: each golden key compared (if the file has it) with our value."""
 
-  def check(key: str, kind: str, ours: Callable[[], Any] | Any) -> None:
-    if key not in g:
+  def __init__(self, golden: Mapping[str, np.ndarray]):
+    self.golden = golden
+    self.rows: list[Row] = []
+
+  def __call__(self, key: str, kind: str, ours: Callable[[], Any] | Any) -> None:
+    if key not in self.golden:
       return
     value = ours() if callable(ours) else ours
-    rows.append(_compare(key, kind, value, g[key]))
+    self.rows.append(_compare(key, kind, value, self.golden[key]))
 
+
+def _setup(g: Mapping[str, np.ndarray], path: str | pathlib.Path
+           ) -> tuple[dict[str, Any], Any, Any, LossConfig]:
+  """(meta, model config, converted params, loss config) of a golden file."""
   try:
+    meta = json.loads(str(g["config/json"]))
     model_cfg, params = convert(golden_state_dict(g), num_heads=int(meta["n_heads"]),
                                 sft_factor=float(meta["sft_factor"]))
-  except (ConversionError, KeyError) as e:
+    factors = meta.get("loss_factor", [0.05, 0.04])
+    loss_cfg = LossConfig(margin=float(meta["margin"]), clip_nce_weight=float(factors[0]),
+                          frame_nce_weight=float(factors[1]),
+                          hard_pool_size=int(meta.get("hard_pool_size", 1)),
+                          tcpl_distance_weight=float(meta["rkd_d_coef"]),
+                          tcpl_angle_weight=float(meta["rkd_a_coef"]),
+                          cbva_weight=float(meta["vl_coef"]), sim_thr=float(meta["sim_thr"]))
+  except KeyError as e:
+    raise ParityError(f"{path}: config/json has no {e} entry") from e
+  except (ConversionError, json.JSONDecodeError) as e:
     raise ParityError(f"{path}: {e}") from e
-  factors = meta.get("loss_factor", [0.05, 0.04])
-  loss_cfg = LossConfig(margin=float(meta["margin"]), clip_nce_weight=float(factors[0]),
-                        frame_nce_weight=float(factors[1]),
-                        hard_pool_size=int(meta.get("hard_pool_size", 1)),
-                        tcpl_distance_weight=float(meta["rkd_d_coef"]),
-                        tcpl_angle_weight=float(meta["rkd_a_coef"]),
-                        cbva_weight=float(meta["vl_coef"]), sim_thr=float(meta["sim_thr"]))
-  length = int(meta.get("map_size", model_cfg.num_frames))
+  return meta, model_cfg, params, loss_cfg
 
-  # 1. Preprocessing and OP-ToMe.
+
+def _check_inputs(g: Mapping[str, np.ndarray], check: _Checks, length: int) -> dict[str, jax.Array]:
+  """1. Preprocessing and OP-ToMe; returns the model's batch."""
   vb = _video_batch(g["input/frames"], g["input/frame_offsets"], length)
   check("data/fixed128", "features", vb["fixed"])
   for level, target in enumerate(OP_TOME_TARGETS):
@@ -157,10 +168,12 @@ def run_parity(path: str | pathlib.Path) -> list[Row]:
     check(f"batch/{name}", "features", batch[name])
   for name in ("merge_size", "merged_frame_label", "text_labels"):
     check(f"batch/{name}", "exact", batch[name])
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  return {k: jnp.asarray(v) for k, v in batch.items()}
 
-  # 2. Network (eval mode), with every submodule's output captured for the dbg/* keys.
-  model = MSCNet(model_cfg)
+
+def _check_network(check: _Checks, model: MSCNet, params: Any,
+                   batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """2. The network (eval mode), with every submodule's output captured for the dbg/* keys."""
   out, state = jax.jit(lambda p, b: model.apply({"params": p}, b, deterministic=True,
                                                 capture_intermediates=True,
                                                 mutable=["intermediates"]))(params, batch)
@@ -184,8 +197,13 @@ def run_parity(path: str | pathlib.Path) -> list[Row]:
   check("dbg/frame_encoder_1.branch0_out", "features", lambda: inter["frame_encoder/branch_out"][0][:, 0])
   check("dbg/clip_encoder.mix_logits", "features", lambda: inter["clip_encoder/mix_logits"][0])
   check("dbg/frame_encoder_1.mix_logits", "features", lambda: inter["frame_encoder/mix_logits"][0])
+  return out
 
-  # 3. Losses. Reference triplets are random unless hard negatives with a pool of 1.
+
+def _check_losses(check: _Checks, model: MSCNet, params: Any, batch: dict[str, jax.Array],
+                  out: dict[str, jax.Array], loss_cfg: LossConfig, meta: Mapping[str, Any]) -> None:
+  """3. Losses and gradients. Reference triplets are random unless hard negatives with a pool of 1."""
+  g = check.golden
   deterministic_triplet = bool(meta.get("use_hard_negative", False)) and loss_cfg.hard_pool_size == 1
   key = jax.random.key(0)
 
@@ -212,27 +230,38 @@ def run_parity(path: str | pathlib.Path) -> list[Row]:
   for ref_name, ours in unweighted.items():
     check(f"loss_parts/{ref_name}", "loss", parts[ours])
   random_keys = ("loss/clip_trip", "loss/frame_trip", "loss/loss_overall", "loss/total")
-  if deterministic_triplet:
-    check("loss/clip_trip", "loss", parts["clip_trip"])
-    check("loss/frame_trip", "loss", parts["frame_trip"])
-    check("loss/loss_overall", "loss", total)
-    check("loss/total", "loss", total)
-    torch_grads = params_to_torch_names(grads)
-    for key_name in sorted(k for k in g if k.startswith("grad/")):
-      name = key_name[len("grad/"):]
-      if name not in torch_grads:
-        rows.append(Row(key_name, "grad", ok=False, note="no such parameter in our model"))
-        continue
-      rows.append(_compare(key_name, "grad", torch_grads[name], g[key_name]))
-  else:
+  if not deterministic_triplet:
     for k in random_keys + tuple(k for k in g if k.startswith("grad/")):
       if k in g:
-        rows.append(Row(k, "loss", note="skipped: the reference drew random triplet negatives"))
+        check.rows.append(Row(k, "loss", note="skipped: the reference drew random triplet negatives"))
+    return
+  check("loss/clip_trip", "loss", parts["clip_trip"])
+  check("loss/frame_trip", "loss", parts["frame_trip"])
+  check("loss/loss_overall", "loss", total)
+  check("loss/total", "loss", total)
+  torch_grads = params_to_torch_names(grads)
+  for key_name in sorted(k for k in g if k.startswith("grad/")):
+    name = key_name[len("grad/"):]
+    if name not in torch_grads:
+      check.rows.append(Row(key_name, "grad", ok=False, note="no such parameter in our model"))
+      continue
+    check.rows.append(_compare(key_name, "grad", torch_grads[name], g[key_name]))
 
-  # 4. Evaluation on the val set.
+
+def run_parity(path: str | pathlib.Path) -> list[Row]:
+  """Runs the pipeline on the golden file at `path`; one `Row` per compared (or skipped) key:
+  1. preprocessing and OP-ToMe, 2. the network, 3. losses and gradients, 4. evaluation."""
+  g = load_golden(path)
+  meta, model_cfg, params, loss_cfg = _setup(g, path)
+  length = int(meta.get("map_size", model_cfg.num_frames))
+  check = _Checks(g)
+  batch = _check_inputs(g, check, length)
+  model = MSCNet(model_cfg)
+  out = _check_network(check, model, params, batch)
+  _check_losses(check, model, params, batch, out, loss_cfg, meta)
   if "val_input/frames" in g:
-    rows.extend(_eval_rows(g, model, params, length, meta))
-  return rows
+    check.rows.extend(_eval_rows(g, model, params, length, meta))
+  return check.rows
 
 
 def _eval_rows(g: Mapping[str, np.ndarray], model: MSCNet, params: Any, length: int,

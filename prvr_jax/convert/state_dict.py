@@ -14,11 +14,12 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from prvr_jax.errors import PrvrError
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import init_params
 
 
-class ConversionError(ValueError):
+class ConversionError(PrvrError, ValueError):
   """A state_dict that does not describe an MSC network; the message names the offending key."""
 
 

@@ -20,6 +20,7 @@ from flax import serialization
 
 from prvr_jax.convert.golden_parity import print_report, run_parity
 from prvr_jax.convert.state_dict import ConversionError, convert, to_numpy
+from prvr_jax.errors import PrvrError
 from prvr_jax.utils.files import atomic_write_bytes
 
 
@@ -75,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       atomic_write_bytes(args.out, serialization.msgpack_serialize(params))
       print(f"wrote {args.out}")
     return 0
-  except (ConversionError, FileNotFoundError, KeyError, ValueError) as e:
+  except PrvrError as e:  # a missing, corrupt or unexpected file; the message names it
     print(f"error: {e}", file=sys.stderr)
     return 2
 

@@ -27,11 +27,14 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from prvr_jax.errors import ConfigError
+from prvr_jax.errors import PrvrError
+
 WHOLE_FILE = "(whole file)"
 ON_ERROR_CHOICES = ("raise", "skip")
 
 
-class DataError(ValueError):
+class DataError(PrvrError, ValueError):
   """A problem with one input file or one item of it.
 
   Attributes:
@@ -61,7 +64,7 @@ class Issues:
 
   def __post_init__(self):
     if self.on_error not in ON_ERROR_CHOICES:
-      raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {self.on_error!r}")
+      raise ConfigError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {self.on_error!r}")
 
   def report(self, error: DataError) -> None:
     """Raises `error`, or records its item as skipped (reason includes the file)."""
@@ -419,7 +422,7 @@ def resolve_layout(root: str | os.PathLike, name: str, visual_feature: str = "cl
     DataError: a required file or folder is missing, or the variant does not exist for `name`.
   """
   if name not in COLLECTIONS:
-    raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(COLLECTIONS)}")
+    raise ConfigError(f"unknown benchmark {name!r}; expected one of {sorted(COLLECTIONS)}")
   c = COLLECTIONS[name]
   folder = pathlib.Path(root) / c
   if not folder.is_dir():
@@ -431,7 +434,7 @@ def resolve_layout(root: str | os.PathLike, name: str, visual_feature: str = "cl
     text = folder / "TextData" / f"{c}_clip_L14.h5"
   elif visual_feature == "clipsf":
     if name != "qvhighlights":
-      raise ValueError(f"visual_feature 'clipsf' is QVHighlights' layout, not {name!r}'s")
+      raise ConfigError(f"visual_feature 'clipsf' is QVHighlights' layout, not {name!r}'s")
     video = folder / "FeatureData" / f"{c}_slowfast_clip.h5"
     text = folder / "TextData" / f"{c}_slowfast_clip_text.h5"
   else:

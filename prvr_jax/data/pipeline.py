@@ -34,7 +34,9 @@ import numpy as np
 from prvr_jax.data import builders
 from prvr_jax.data.builders.records import METADATA_KEY
 from prvr_jax.data.config import DataConfig
+from prvr_jax.data.formats import DataError
 from prvr_jax.data.preprocess import DEFAULT_LENGTH, l2_normalize, resample_to_fixed_length
+from prvr_jax.errors import ConfigError, PrvrError
 from prvr_jax.text.tokenizer import CLIP_CONTEXT_LENGTH, ClipTokenizer
 
 # Keys the jitted train step takes; the others are numpy bookkeeping. A model with an in-model
@@ -89,6 +91,14 @@ class SplitInfo:
     return int(self.caption_offsets[-1])
 
 
+class DatasetNotFoundError(PrvrError, FileNotFoundError):
+  """No prepared PRVR dataset at a folder (run --mode=prepare first); the message names it."""
+
+
+class SplitNotFoundError(PrvrError, LookupError):
+  """A split the prepared dataset does not have; the message names the dataset and its splits."""
+
+
 def is_prepared(dataset_dir: str | os.PathLike) -> bool:
   """True when a built PRVR dataset is at `dataset_dir` (TFDS moves a finished build into place
   with its metadata.json, so a build that stopped half-way has none)."""
@@ -99,17 +109,17 @@ def open_split(dataset_dir: str | os.PathLike, split: str) -> SplitInfo:
   """Reads the metadata of one split of a dataset written by a PRVR builder.
 
   Raises:
-    FileNotFoundError: no PRVR dataset at `dataset_dir` (run --mode=prepare first).
-    KeyError: the split does not exist.
+    DatasetNotFoundError: no PRVR dataset at `dataset_dir` (run --mode=prepare first).
+    SplitNotFoundError: the split does not exist.
   """
   dataset_dir = pathlib.Path(dataset_dir)
   meta_file = dataset_dir / METADATA_FILE
   if not is_prepared(dataset_dir):
-    raise FileNotFoundError(f"no prepared PRVR dataset at {dataset_dir} (missing metadata.json); "
-                            "run `python -m prvr_jax.main --mode=prepare` first")
+    raise DatasetNotFoundError(f"no prepared PRVR dataset at {dataset_dir} (missing metadata.json); "
+                               "run `python -m prvr_jax.main --mode=prepare` first")
   meta = json.loads(meta_file.read_text())[METADATA_KEY]
   if split not in meta["splits"]:
-    raise KeyError(f"split {split!r} not in {dataset_dir} (has {sorted(meta['splits'])})")
+    raise SplitNotFoundError(f"split {split!r} not in {dataset_dir} (has {sorted(meta['splits'])})")
   counts = np.asarray(meta["splits"][split]["caption_counts"], np.int64)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   return SplitInfo(
@@ -194,7 +204,7 @@ class ShardedOrder:
     self.steps_per_epoch = (num_items // global_batch if drop_remainder
                             else math.ceil(num_items / global_batch))
     if self.steps_per_epoch == 0:
-      raise ValueError(f"drop_remainder with {num_items} items and a global batch of "
+      raise ConfigError(f"drop_remainder with {num_items} items and a global batch of "
                        f"{global_batch} leaves no batch")
     self._perm_cache: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()  # loader threads share the cache
@@ -283,7 +293,7 @@ class CaptionTokenizer:
 
   def __init__(self, length: int, context_length: int = CLIP_MAX_TOKENS):
     if not 2 <= length <= context_length:
-      raise ValueError(f"caption token length must be in [2, {context_length}], got {length}")
+      raise ConfigError(f"caption token length must be in [2, {context_length}], got {length}")
     self.length, self.context_length = int(length), int(context_length)
     self._tokenizer = None
     self._lock = threading.Lock()
@@ -416,9 +426,16 @@ def _tokenizer(caption_text_length: int, context_length: int) -> Optional[Captio
   return CaptionTokenizer(caption_text_length, context_length or CLIP_MAX_TOKENS)
 
 
+def _open_nonempty_split(dataset_dir: str | os.PathLike, split: str) -> SplitInfo:
+  info = open_split(dataset_dir, split)
+  if info.num_videos == 0:
+    raise DataError(os.fspath(dataset_dir), split, "the split has no videos")
+  return info
+
+
 def _local_batch(batch_size: int, process_count: int) -> int:
   if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} (global) must be a positive multiple of "
+    raise ConfigError(f"batch_size {batch_size} (global) must be a positive multiple of "
                      f"process_count {process_count}")
   return batch_size // process_count
 
@@ -474,7 +491,7 @@ def train_dataset(dataset_dir: str | os.PathLike, split: str = "train", *, batch
       and bookkeeping: video_index (B,) int32 (example index in the split, -1 padding),
       query_index (Q,) int32 (caption index in the split, -1 padding), epoch (B,) int32.
   """
-  info = open_split(dataset_dir, split)
+  info = _open_nonempty_split(dataset_dir, split)
   local = _local_batch(batch_size, process_count)
   max_captions = resolve_max_captions(info, max_captions_per_video)
   max_tokens = resolve_max_tokens(info, max_caption_tokens)
@@ -500,7 +517,7 @@ def eval_video_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, ba
     float32 un-normalised, video_valid (B,) bool, video_index (B,) int32 (-1 padding), duration
     (B,) float32 seconds (-1 unknown).
   """
-  info = open_split(dataset_dir, split)
+  info = _open_nonempty_split(dataset_dir, split)
   local = _local_batch(batch_size, process_count)
   order = ShardedOrder(info.num_videos, local, process_index, process_count)
   video = _EvalVideo(RecordSource(dataset_dir, split), num_frames)
@@ -522,7 +539,7 @@ def eval_query_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, ba
   info = open_split(dataset_dir, split)
   local = _local_batch(batch_size, process_count)
   if info.num_captions == 0:
-    raise ValueError(f"{dataset_dir}/{split} has no captions")
+    raise DataError(os.fspath(dataset_dir), split, "the split has no captions")
   order = ShardedOrder(info.num_captions, local, process_index, process_count)
   query = _EvalQuery(RecordSource(dataset_dir, split), info, resolve_max_tokens(info, max_caption_tokens),
                      truncate_keep_eos, _tokenizer(caption_text_length, caption_context_length))

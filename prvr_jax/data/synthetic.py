@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from prvr_jax.data.builders.records import VideoRecord
+from prvr_jax.errors import ConfigError
 
 _OBJECTS = ("dog", "cup", "guitar", "bicycle", "ball", "book", "phone", "car", "door", "laptop",
             "umbrella", "chair", "bottle", "horse", "kite", "knife")
@@ -80,16 +81,16 @@ class SyntheticSpec:
 
   def __post_init__(self):
     if not 1 <= self.num_objects <= len(_OBJECTS):
-      raise ValueError(f"num_objects must be in [1, {len(_OBJECTS)}], got {self.num_objects}")
+      raise ConfigError(f"num_objects must be in [1, {len(_OBJECTS)}], got {self.num_objects}")
     if not 1 <= self.num_actions <= len(_ACTIONS):
-      raise ValueError(f"num_actions must be in [1, {len(_ACTIONS)}], got {self.num_actions}")
+      raise ConfigError(f"num_actions must be in [1, {len(_ACTIONS)}], got {self.num_actions}")
     if not 1 <= self.num_attributes <= len(_ATTRIBUTES):
-      raise ValueError(f"num_attributes must be in [1, {len(_ATTRIBUTES)}], got {self.num_attributes}")
+      raise ConfigError(f"num_attributes must be in [1, {len(_ATTRIBUTES)}], got {self.num_attributes}")
     if not 1 <= self.min_events <= self.max_events <= self.num_concepts:
-      raise ValueError(f"need 1 <= min_events <= max_events <= num_concepts, got "
+      raise ConfigError(f"need 1 <= min_events <= max_events <= num_concepts, got "
                        f"{self.min_events}, {self.max_events}, {self.num_concepts}")
     if self.min_frames < 2 * self.max_events or self.max_frames < self.min_frames:
-      raise ValueError(f"need 2 * max_events <= min_frames <= max_frames, got {self.min_frames}, "
+      raise ConfigError(f"need 2 * max_events <= min_frames <= max_frames, got {self.min_frames}, "
                        f"{self.max_frames} for up to {self.max_events} events")
 
   @property
@@ -113,7 +114,7 @@ class SyntheticSpec:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-      raise ValueError(f"unknown data.synthetic keys {unknown}; known: {sorted(names)}")
+      raise ConfigError(f"unknown data.synthetic keys {unknown}; known: {sorted(names)}")
     return cls(**values)
 
 

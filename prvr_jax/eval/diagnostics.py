@@ -27,6 +27,7 @@ import tqdm
 
 from prvr_jax.data import pipeline
 from prvr_jax.data.config import DataConfig
+from prvr_jax.errors import ConfigError
 from prvr_jax.eval.evaluate import caption_arrays, place_params
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet
@@ -235,7 +236,7 @@ def collapse_diagnostics(params: Any, model_cfg: ModelConfig, data: DataConfig, 
     {'split', 'query': `query_collapse`'s dict, 'clip_token': `clip_token_collapse`'s dict}.
   """
   if max_queries < 2:
-    raise ValueError(f"max_queries must be >= 2, got {max_queries}")
+    raise ConfigError(f"max_queries must be >= 2, got {max_queries}")
   params = place_params(params)
   num_videos = pipeline.open_split(dataset_dir, split).num_videos
   return {

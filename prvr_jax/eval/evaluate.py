@@ -55,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from prvr_jax.data import pipeline
 from prvr_jax.data.config import DataConfig
+from prvr_jax.errors import ConfigError
 from prvr_jax.eval import gather
 from prvr_jax.eval.config import EvalConfig
 from prvr_jax.eval.metrics import best_gt_score, count_above, recall_at_k
@@ -155,7 +156,7 @@ def place_params(params: Any, mesh: Optional[Mesh] = None) -> Any:
 def _check_chunk(video_chunk: int, mesh: Mesh) -> None:
   n = mesh.devices.size
   if video_chunk % n:
-    raise ValueError(f"the video chunk of {video_chunk} videos (data.eval_video_batch_size) does not "
+    raise ConfigError(f"the video chunk of {video_chunk} videos (data.eval_video_batch_size) does not "
                      f"divide by the {n} devices of the evaluation mesh; use a multiple of {n}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from prvr_jax.errors import ConfigError
 from prvr_jax.utils.config import checked_kwargs
 
 # Clip counts the loss-side merge can stop at, in merge order (32 is "no merge").
@@ -56,13 +57,13 @@ class LossConfig:
 
   def __post_init__(self):
     if self.cbva_fixed_clips not in (32,) + CBVA_LEVELS:
-      raise ValueError(f"loss.cbva_fixed_clips must be one of 32, 20, 12, 8, 5; got {self.cbva_fixed_clips}")
+      raise ConfigError(f"loss.cbva_fixed_clips must be one of 32, 20, 12, 8, 5; got {self.cbva_fixed_clips}")
     if self.tcpl_scope not in ("global", "device"):
-      raise ValueError(f"loss.tcpl_scope must be 'global' or 'device'; got {self.tcpl_scope!r}")
+      raise ConfigError(f"loss.tcpl_scope must be 'global' or 'device'; got {self.tcpl_scope!r}")
     if self.tcpl_tile_size < 1:
-      raise ValueError(f"loss.tcpl_tile_size must be >= 1; got {self.tcpl_tile_size}")
+      raise ConfigError(f"loss.tcpl_tile_size must be >= 1; got {self.tcpl_tile_size}")
     if self.hard_pool_size < 1:
-      raise ValueError(f"loss.hard_pool_size must be >= 1; got {self.hard_pool_size}")
+      raise ConfigError(f"loss.hard_pool_size must be >= 1; got {self.hard_pool_size}")
 
   @classmethod
   def from_config_dict(cls, cfg: Mapping[str, Any]) -> "LossConfig":

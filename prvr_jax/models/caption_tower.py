@@ -34,6 +34,7 @@ from flax import traverse_util
 
 from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH, TextConfig
 from prvr_jax.clip.model import Encoder, TextTower, causal_padding_mask
+from prvr_jax.errors import ConfigError
 from prvr_jax.ops.video_inputs import data_l2_normalize
 
 FEATURES = ("projected", "hidden")
@@ -66,13 +67,13 @@ class CaptionTowerConfig:
 
   def __post_init__(self):
     if self.features not in FEATURES:
-      raise ValueError(f"text_tower.features must be one of {FEATURES}, got {self.features!r}")
+      raise ConfigError(f"text_tower.features must be one of {FEATURES}, got {self.features!r}")
     if not 0 <= self.trainable_blocks <= self.text.num_layers:
-      raise ValueError(f"text_tower.trainable_blocks={self.trainable_blocks} must be in "
+      raise ConfigError(f"text_tower.trainable_blocks={self.trainable_blocks} must be in "
                        f"[0, {self.text.num_layers}] (the tower of {self.source or 'the checkpoint'} "
                        f"has {self.text.num_layers} blocks)")
     if self.max_query_tokens < 2:
-      raise ValueError(f"the caption length must be >= 2 (BOS and EOS), got {self.max_query_tokens}")
+      raise ConfigError(f"the caption length must be >= 2 (BOS and EOS), got {self.max_query_tokens}")
 
   @property
   def width(self) -> int:
@@ -230,7 +231,7 @@ def load_tower_params(clip_dir: str | os.PathLike, config: CaptionTowerConfig) -
 
   clip_config, clip_params = load_clip(clip_dir, towers=("text",))
   if clip_config.text != config.text or clip_config.projection_dim != config.projection_dim:
-    raise ValueError(f"{clip_dir}: its text tower ({clip_config.text}, projection "
+    raise ConfigError(f"{clip_dir}: its text tower ({clip_config.text}, projection "
                      f"{clip_config.projection_dim}) is not the one this run was built with "
                      f"({config.text}, projection {config.projection_dim})")
   return tower_params_from_clip(clip_params, config)
@@ -281,4 +282,4 @@ def read_from_workdir(workdir: str | os.PathLike) -> Optional[CaptionTowerConfig
   try:
     return CaptionTowerConfig.from_dict(json.loads(path.read_text()))
   except (json.JSONDecodeError, TypeError, KeyError) as e:
-    raise ValueError(f"{path}: not a caption tower config: {e}") from None
+    raise ConfigError(f"{path}: not a caption tower config: {e}") from None

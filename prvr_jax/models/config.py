@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+from prvr_jax.errors import ConfigError
 from prvr_jax.models.caption_tower import CaptionTowerConfig
 from prvr_jax.utils.config import checked_kwargs
 
@@ -59,14 +60,14 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(
+      raise ConfigError(
           f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads={self.num_heads}")
     if not self.use_op_tome and self.num_frames % self.num_clips:
-      raise ValueError(f"model.use_op_tome=False needs model.num_frames={self.num_frames} to be a "
+      raise ConfigError(f"model.use_op_tome=False needs model.num_frames={self.num_frames} to be a "
                        f"multiple of model.num_clips={self.num_clips}")
     tower = self.caption_tower
     if tower is not None and tower.width != self.query_input_size:
-      raise ValueError(f"model.query_input_size={self.query_input_size} but the CLIP text tower of "
+      raise ConfigError(f"model.query_input_size={self.query_input_size} but the CLIP text tower of "
                        f"{tower.source or 'text_tower.clip_dir'} gives {tower.width}-d {tower.features} "
                        f"rows; set --config.model.query_input_size={tower.width} (or 0)")
 
@@ -89,7 +90,7 @@ class ModelConfig:
     """Builds from a mapping (e.g. `config.model`), ignoring nothing: unknown keys are an error."""
     kwargs = checked_kwargs(cls, cfg, "model")
     if "caption_tower" in kwargs:
-      raise ValueError("config.model.caption_tower is not a config key: set config.text_tower.clip_dir")
+      raise ConfigError("config.model.caption_tower is not a config key: set config.text_tower.clip_dir")
     if "gauss_widths" in kwargs:
       kwargs["gauss_widths"] = tuple(float(w) for w in kwargs["gauss_widths"])
     return cls(**kwargs)

@@ -28,6 +28,8 @@ import pathlib
 import sys
 from typing import Optional, Sequence
 
+from prvr_jax.errors import PrvrError
+
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m prvr_jax.search", description=__doc__.split("\n")[0])
@@ -177,23 +179,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   absl_logger = logging.getLogger("absl")
   previous_level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
-  # pylint: disable=import-outside-toplevel
-  from prvr_jax.clip.config import ClipConfigError
-  from prvr_jax.clip.load import CheckpointError as ClipCheckpointError
-  from prvr_jax.text.tokenizer import TokenizerError
-  from prvr_jax.data.formats import DataError
-  from prvr_jax.search.errors import SearchError
-  from prvr_jax.train.checkpoint import CheckpointError
-  # pylint: enable=import-outside-toplevel
-  # Errors that mean bad input; each message names the file (and the item).
-  expected = (SearchError, DataError, ClipCheckpointError, ClipConfigError, TokenizerError,
-              CheckpointError, ValueError, OSError)
   try:
     if args.command == "index":
       print(run_index(args).text())
     else:
       _print_hits(run_query(args))
-  except expected as e:
+  except PrvrError as e:  # bad input; the message names the file (and the item)
     print(f"error: {e}", file=sys.stderr)
     return 2
   finally:

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from prvr_jax.errors import PrvrError
 from prvr_jax.text import clean
 
 DEFAULT_BPE_PATH = (pathlib.Path(__file__).resolve().parents[2] / "third_party" / "clip_bpe" /
@@ -27,7 +28,7 @@ EOS_TOKEN = "<|endoftext|>"
 _NUM_MERGES = 49152 - 256 - 2
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PrvrError, ValueError):
   """The BPE file is missing or not a CLIP merge list; the message names the file."""
 
 

@@ -17,12 +17,14 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from prvr_jax.errors import PrvrError
+
 BEST_METRIC = "val_SumR"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PrvrError, RuntimeError):
   """A checkpoint that cannot be restored (corrupt, incompatible, missing)."""
 
 

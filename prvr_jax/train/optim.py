@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from prvr_jax.errors import ConfigError
 from prvr_jax.models.caption_tower import CaptionTowerConfig, trainable_labels
 
 
@@ -125,7 +126,7 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
   elif name == "adamw":
     optimizer = adamw(learning_rate, **kwargs)
   else:
-    raise ValueError(f"unknown optimizer {name!r}; expected 'bert_adam' or 'adamw'")
+    raise ConfigError(f"unknown optimizer {name!r}; expected 'bert_adam' or 'adamw'")
   if caption_tower is None:
     return optimizer
   return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()},

@@ -28,7 +28,7 @@ def _has_split(run: Run, split: str) -> bool:
   try:
     pipeline.open_split(run.dataset_dir, split)
     return True
-  except KeyError:
+  except pipeline.SplitNotFoundError:
     return False
 
 

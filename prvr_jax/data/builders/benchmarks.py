@@ -17,6 +17,7 @@ from prvr_jax.data import formats
 from prvr_jax.data.builders import collection
 from prvr_jax.data.builders.base import PrvrBuilder
 from prvr_jax.data.builders.records import VideoRecord
+from prvr_jax.errors import ConfigError
 
 _INSTRUCTIONS = """\
 Pass the folder that holds the authors' `<collection>/` folder as the manual dir
@@ -47,7 +48,7 @@ class _AuthorsLayoutBuilder(PrvrBuilder, skip_registration=True):
 
   def _plan_splits(self, manual_dir: Optional[str]) -> dict[str, formats.Issues]:
     if not manual_dir:
-      raise ValueError(f"{self.name}: set the manual dir (data.root) to the folder that holds "
+      raise ConfigError(f"{self.name}: set the manual dir (data.root) to the folder that holds "
                        f"'{formats.COLLECTIONS[self.BENCHMARK]}/'")
     layout = formats.resolve_layout(manual_dir, self.BENCHMARK, self.builder_config.name)
     issues = {split: formats.Issues(self._on_error) for split in layout.caption_files}
