@@ -17,11 +17,13 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from prvr_jax.utils import host_memory
+from prvr_jax.utils.files import atomic_write_text
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "synthetic.py")
@@ -59,8 +61,6 @@ def variant_config(base: Any, name: str, seed: int, epochs: int, data_dir: str) 
 
 def table(results: dict[str, list[dict[str, float]]], split: str) -> str:
   """Markdown table of mean ± std per variant."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   lines = [f"| variant ({split}) | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
   for name, runs in results.items():
     cells = []
@@ -75,8 +75,9 @@ def main(argv: list[str]) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+  # Here, not at the top: grain workers re-import __main__ and must not load JAX, and nothing
+  # heavy should load before the malloc re-exec of the `__main__` block.
   from prvr_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  from prvr_jax.utils.files import atomic_write_text  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(_WORKDIR.value)
   data_dir = os.path.join(workdir, "tfds")

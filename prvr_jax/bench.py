@@ -28,8 +28,19 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import jax.numpy as jnp
 
+from prvr_jax.data.bench_data import bench_data
+from prvr_jax.eval.bench_eval import bench_eval
 from prvr_jax.losses.config import LossConfig
+from prvr_jax.losses.total import msc_loss
 from prvr_jax.models.config import ModelConfig
+from prvr_jax.models.gmm_block import DyGMMBlock
+from prvr_jax.models.msc import init_params, last_token_features
+from prvr_jax.ops import tome
+from prvr_jax.ops.video_inputs import prepare_video_inputs
+from prvr_jax.parallel import batch_sharding, make_data_mesh
+from prvr_jax.train.optim import bert_adam, warmup_linear_schedule
+from prvr_jax.train.sharded_step import make_sharded_train_step
+from prvr_jax.train.step import create_train_state, make_train_step
 from prvr_jax.utils import host_memory
 
 # The reference TVR setting.
@@ -94,7 +105,6 @@ def synthetic_batch(num_videos: int, key: jax.Array, model_cfg: ModelConfig = TV
 
 
 def bench_tome(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
-  from prvr_jax.ops import tome  # pylint: disable=import-outside-toplevel
   fn = jax.jit(tome.op_tome, static_argnums=1)
   for b in batches:
     x = synthetic_batch(b, jax.random.key(b))["video_frames"]
@@ -106,7 +116,6 @@ def bench_tome(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]
 
 def _fake_outputs(b: int, key: jax.Array, cfg: ModelConfig = TVR_MODEL) -> tuple[dict, dict]:
   """Model-output-shaped random arrays and the matching batch fields for the loss bench."""
-  from prvr_jax.ops.video_inputs import prepare_video_inputs  # pylint: disable=import-outside-toplevel
   batch = synthetic_batch(b, key)
   batch.update(jax.jit(prepare_video_inputs)(batch["video_frames"]))
   q = b * CAPTIONS_PER_VIDEO
@@ -119,9 +128,6 @@ def _fake_outputs(b: int, key: jax.Array, cfg: ModelConfig = TVR_MODEL) -> tuple
 
 def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
   """Value and gradient (w.r.t. the model outputs) of the loss terms, TVR weights."""
-  from prvr_jax.losses.total import msc_loss  # pylint: disable=import-outside-toplevel
-
-  from prvr_jax.models.msc import last_token_features  # pylint: disable=import-outside-toplevel
 
   def scored(o, bt):
     # The model-output fields the loss reads (msc_loss forms the score matrices from the tokens).
@@ -162,9 +168,6 @@ def _flops(compiled) -> Optional[float]:
 
 def bench_step(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
   """Full optimisation step (forward, losses, backward, BertAdam) per batch size, MSC vs backbone."""
-  from prvr_jax.models.msc import init_params  # pylint: disable=import-outside-toplevel
-  from prvr_jax.train.optim import bert_adam, warmup_linear_schedule  # pylint: disable=import-outside-toplevel
-  from prvr_jax.train.step import create_train_state, make_train_step  # pylint: disable=import-outside-toplevel
 
   rate = matmul_rate()
   yield dict(bench="step", case="matmul_2048_f32", items=0, median_s=2.0 * 2048 ** 3 / rate,
@@ -197,7 +200,6 @@ def bench_step(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]
 
 def bench_block(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
   """Forward+backward of the frame DyGMM block alone (the network's hot spot)."""
-  from prvr_jax.models.gmm_block import DyGMMBlock  # pylint: disable=import-outside-toplevel
   cfg = TVR_MODEL
   block = DyGMMBlock(cfg.num_frames, cfg.num_heads, cfg.dropout, cfg.sft_factor, cfg.gauss_widths)
   for b in batches:
@@ -217,7 +219,6 @@ def bench_block(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]
 
 def bench_loader(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
   """grain training pipeline at TVR shapes (batches per second), one case per batch size."""
-  from prvr_jax.data.bench_data import bench_data  # pylint: disable=import-outside-toplevel
   for b in batches:
     yield from bench_data(repeats=repeats, batch_size=b)
 
@@ -226,11 +227,6 @@ def bench_memory(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any
   """Per-device memory of the sharded MSC step over all devices (XLA's analysis of the compiled
   program; nothing runs), one case per global batch size. `repeats` is unused."""
   del repeats
-  from prvr_jax.models.msc import init_params  # pylint: disable=import-outside-toplevel
-  from prvr_jax.train.optim import bert_adam, warmup_linear_schedule  # pylint: disable=import-outside-toplevel
-  from prvr_jax.train.step import create_train_state  # pylint: disable=import-outside-toplevel
-  from prvr_jax.parallel import batch_sharding, make_data_mesh  # pylint: disable=import-outside-toplevel
-  from prvr_jax.train.sharded_step import make_sharded_train_step  # pylint: disable=import-outside-toplevel
 
   mesh = make_data_mesh()
   schedule = warmup_linear_schedule(3e-4, 1000, 0.01)
@@ -279,7 +275,6 @@ def main(argv: Optional[list[str]] = None) -> int:
   try:
     for name in names:
       if name == "eval":
-        from prvr_jax.eval.bench_eval import bench_eval  # pylint: disable=import-outside-toplevel
         records = bench_eval(args.videos, args.queries, args.repeats)
       else:
         records = BENCHES[name](batches, args.repeats)

@@ -50,25 +50,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
   """Runs one parsed command; returns its Summary (raises the errors `main` reports)."""
-  # Imported here so that --help is instant.
-  from prvr_jax.clip.load import load_clip  # pylint: disable=import-outside-toplevel
-  from prvr_jax.clip.model import ClipEncoders  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  # Here, not at the top: this module is `__main__`, and JAX imported before the malloc re-exec
+  # of its `__main__` block would load twice (--help stays instant too).
+  from prvr_jax.clip.load import load_clip
+  from prvr_jax.clip.model import ClipEncoders
+  from prvr_jax.clip.text_features import extract_captions
+  from prvr_jax.clip.video_features import ExtractError, extract_videos
+  from prvr_jax.text.tokenizer import ClipTokenizer
+  # pylint: enable=import-outside-toplevel
 
   if args.max_items is not None and args.max_items <= 0:
-    from prvr_jax.clip.video_features import ExtractError  # pylint: disable=import-outside-toplevel
     raise ExtractError(f"--max-items must be > 0, got {args.max_items}")
   towers = ("vision",) if args.command == "videos" else ("text",)
   config, params = load_clip(args.clip, towers=towers)
   encoders = ClipEncoders(config, precision=args.precision)
   info = {"clip_checkpoint": str(args.clip)}
   if args.command == "videos":
-    from prvr_jax.clip.video_features import extract_videos  # pylint: disable=import-outside-toplevel
     return extract_videos(encoders, params, args.videos, args.fps, args.out, batch=args.batch,
                           max_items=args.max_items, info=info, progress=not args.quiet)
-  from prvr_jax.clip.text_features import extract_captions  # pylint: disable=import-outside-toplevel
-  from prvr_jax.text.tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
-  from prvr_jax.clip.video_features import ExtractError  # pylint: disable=import-outside-toplevel
-
   tokenizer = ClipTokenizer(max_length=config.text.context_length)
   if config.text.vocab_size < tokenizer.vocab_size:
     raise ExtractError(f"{args.clip}: text vocab_size {config.text.vocab_size} is smaller than the "

@@ -12,7 +12,8 @@ import grain
 import numpy as np
 import pytest
 
-from prvr_jax.data import builders, pipeline
+from prvr_jax.data import pipeline
+from prvr_jax.data.builders.factory import make_builder
 from prvr_jax.data.config import DataConfig
 from prvr_jax.data.preprocess import l2_normalize, resample_to_fixed_length
 from prvr_jax.data.synthetic import SyntheticSpec
@@ -25,7 +26,7 @@ SPEC = SyntheticSpec(seed=5, num_train_videos=37, num_val_videos=11, num_test_vi
 def ddir(tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = builders.make_builder(DataConfig(name="synthetic", synthetic=SPEC),
+  builder = make_builder(DataConfig(name="synthetic", synthetic=SPEC),
                                   tmp_path_factory.mktemp("tfds"), progress=False)
   tfds.display_progress_bar(False)
   builder.download_and_prepare()

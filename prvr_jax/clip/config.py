@@ -164,7 +164,9 @@ def read_config(path: str | os.PathLike) -> ClipConfig:
   if d.get("model_type") not in (None, "clip") or "text_config" not in d or "vision_config" not in d:
     raise ClipConfigError(f"{path}: not a CLIPModel config (needs model_type 'clip' with "
                           f"text_config and vision_config; got model_type {d.get('model_type')!r})")
-  from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top  # heavy import
+  # Here, not at the top: transformers takes 1.4 s to import, and every run imports this module
+  # (the model's config holds a TextConfig) whether or not it reads a CLIP checkpoint.
+  from transformers import CLIPConfig  # pylint: disable=import-outside-toplevel
 
   try:
     hf = CLIPConfig.from_dict(d)

@@ -22,6 +22,7 @@ import uuid
 import zipfile
 from typing import Any, Iterable, Mapping
 
+import h5py
 import numpy as np
 
 from prvr_jax.errors import PrvrError
@@ -86,8 +87,6 @@ class FeatureStore:
       (self.parts_dir / "settings.json").write_text(json.dumps(self.settings, sort_keys=True))
 
   def _read_output_ids(self) -> set[str]:
-    import h5py  # pylint: disable=g-import-not-at-top
-
     try:
       with h5py.File(self.path, "r") as f:
         self._check_settings(self.path, {k: str(v) for k, v in f.attrs.items()})
@@ -150,7 +149,6 @@ class FeatureStore:
     Returns:
       Number of items in the output.
     """
-    import h5py  # pylint: disable=g-import-not-at-top
 
     parts = sorted(self.parts_dir.glob("part-*.npz"))
     if not parts and self.path.exists():  # nothing new: keep the file as it is

@@ -15,6 +15,8 @@ import pathlib
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from prvr_jax.clip.config import ClipConfig, TowerConfig, read_config
 from prvr_jax.errors import PrvrError
@@ -106,9 +108,6 @@ def expected_tensors(config: ClipConfig, towers: Sequence[str] = TOWERS) -> dict
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
   try:
     return load_file(str(path))
   except (SafetensorError, OSError, ValueError, TypeError) as e:

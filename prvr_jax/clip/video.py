@@ -18,6 +18,7 @@ import os
 import pathlib
 from typing import Callable, Iterator
 
+import av
 import numpy as np
 
 from prvr_jax.errors import PrvrError
@@ -94,7 +95,6 @@ def sample_frames(path: str | os.PathLike, fps: float, info: SampleInfo,
       without timestamps, or fewer decoded seconds than the file declares (truncated); raised
       after the frames decoded so far were yielded, so callers drop them.
   """
-  import av  # pylint: disable=g-import-not-at-top  # only extraction needs PyAV
 
   if fps <= 0:
     raise ValueError(f"fps must be > 0, got {fps}")

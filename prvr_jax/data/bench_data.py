@@ -15,7 +15,10 @@ import tempfile
 import time
 from typing import Any, Iterator, Optional
 
+import tensorflow_datasets as tfds
+
 from prvr_jax.data import pipeline
+from prvr_jax.data.builders.factory import make_builder
 from prvr_jax.data.config import DataConfig
 from prvr_jax.data.synthetic import SyntheticSpec
 
@@ -32,11 +35,7 @@ def tvr_like_spec(num_videos: int) -> SyntheticSpec:
 
 
 def _build(spec: SyntheticSpec, data_dir: str) -> str:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from prvr_jax.data import builders  # pylint: disable=g-import-not-at-top
-
-  builder = builders.make_builder(DataConfig(name="synthetic", synthetic=spec), data_dir,
+  builder = make_builder(DataConfig(name="synthetic", synthetic=spec), data_dir,
                                   progress=False)
   tfds.display_progress_bar(False)
   try:

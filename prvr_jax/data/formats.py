@@ -25,6 +25,7 @@ import os
 import pathlib
 from typing import Iterable, Optional, Sequence
 
+import h5py
 import numpy as np
 
 from prvr_jax.errors import ConfigError
@@ -218,8 +219,6 @@ class H5Features:
   """
 
   def __init__(self, path: str | os.PathLike):
-    import h5py  # pylint: disable=g-import-not-at-top  # only readers of the raw files need it
-
     self.path = pathlib.Path(path)
     if not self.path.is_file():
       raise DataError(self.path, WHOLE_FILE, "feature file not found")

@@ -30,8 +30,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
 
-from prvr_jax.data import builders
+from prvr_jax.data.builders.factory import make_builder
 from prvr_jax.data.builders.records import METADATA_KEY
 from prvr_jax.data.config import DataConfig
 from prvr_jax.data.formats import DataError
@@ -143,9 +145,7 @@ class RecordSource:
 
   def _open(self):
     with self._lock:
-      if self._source is None:
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # per process
-
+      if self._source is None:  # opened in each process (grain workers unpickle the source)
         builder = tfds.builder_from_directory(self.dataset_dir)
         self._source = builder.as_data_source(split=self.split)
     return self._source
@@ -561,8 +561,6 @@ def to_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch_bat
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=prefetch_batches))
   if num_workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     # grain reads one of its absl flags when starting workers; outside an absl app (tests,
     # notebooks) nothing has parsed flags, so their defaults are taken as parsed.
     if not flags.FLAGS.is_parsed():
@@ -629,7 +627,7 @@ def iterator_from_config(data: DataConfig, dataset: grain.MapDataset) -> grain.D
 
 def dataset_dir_from_config(data: DataConfig, workdir: str | os.PathLike) -> str:
   """Where `prepare` writes the dataset of `data` (without building it)."""
-  return str(builders.make_builder(data, resolve_data_dir(data, workdir), progress=False).data_dir)
+  return str(make_builder(data, resolve_data_dir(data, workdir), progress=False).data_dir)
 
 
 def resolve_data_dir(data: DataConfig, workdir: str | os.PathLike) -> str:

@@ -18,7 +18,10 @@ import os
 import pathlib
 from typing import Any, Callable, Optional
 
-from prvr_jax.data import builders, formats
+import tensorflow_datasets as tfds
+
+from prvr_jax.data import formats
+from prvr_jax.data.builders.factory import make_builder
 from prvr_jax.data.builders.records import METADATA_KEY, SplitStats
 from prvr_jax.data.config import DataConfig
 from prvr_jax.data.pipeline import METADATA_FILE, is_prepared, resolve_data_dir
@@ -70,15 +73,13 @@ def prepare(data: DataConfig, workdir: str | os.PathLike, *, progress: bool = Tr
   Raises:
     formats.DataError: bad input with data.on_error='raise' (names the file and the item).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only this mode needs it
-
   if data.name != "synthetic" and not data.root:
     raise ConfigError(f"data.name={data.name!r} reads the authors' feature files: set "
                       "--config.data.root to the folder holding the collection's folder")
   if data.name != "synthetic" and not pathlib.Path(data.root).is_dir():
     # Checked here: TFDS would fail on it with a bare AssertionError.
     raise formats.DataError(data.root, formats.WHOLE_FILE, "data.root is not an existing folder")
-  builder = builders.make_builder(data, resolve_data_dir(data, workdir), progress=progress)
+  builder = make_builder(data, resolve_data_dir(data, workdir), progress=progress)
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if data.overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   reused = (mode == tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS

@@ -33,9 +33,11 @@ import numpy as np
 from flax import traverse_util
 
 from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH, TextConfig
+from prvr_jax.clip.load import load_clip
 from prvr_jax.clip.model import Encoder, TextTower, causal_padding_mask
 from prvr_jax.errors import ConfigError
 from prvr_jax.ops.video_inputs import data_l2_normalize
+from prvr_jax.utils.files import atomic_write_text
 
 FEATURES = ("projected", "hidden")
 # Name of the tower's subtree in MSCNet's params.
@@ -227,7 +229,6 @@ def tower_params_from_clip(clip_params: Mapping[str, Any], config: CaptionTowerC
 
 def load_tower_params(clip_dir: str | os.PathLike, config: CaptionTowerConfig) -> dict[str, Any]:
   """`tower_params_from_clip` of a local Hugging Face CLIP checkpoint (errors name the file)."""
-  from prvr_jax.clip.load import load_clip  # pylint: disable=import-outside-toplevel
 
   clip_config, clip_params = load_clip(clip_dir, towers=("text",))
   if clip_config.text != config.text or clip_config.projection_dim != config.projection_dim:
@@ -269,7 +270,6 @@ WORKDIR_FILE = "caption_tower.json"
 
 def write_to_workdir(config: CaptionTowerConfig, workdir: str | os.PathLike) -> None:
   """Keeps the resolved tower config with the run, so that restoring needs no CLIP directory."""
-  from prvr_jax.utils.files import atomic_write_text  # pylint: disable=import-outside-toplevel
 
   atomic_write_text(pathlib.Path(workdir) / WORKDIR_FILE, json.dumps(config.to_dict(), indent=1) + "\n")
 

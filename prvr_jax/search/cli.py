@@ -29,6 +29,14 @@ import sys
 from typing import Optional, Sequence
 
 from prvr_jax.errors import PrvrError
+from prvr_jax.models.caption_tower import WORKDIR_FILE as CAPTION_TOWER_FILE
+from prvr_jax.search import query as query_lib
+from prvr_jax.search.errors import SearchError
+from prvr_jax.search.features import read_caption_features
+from prvr_jax.search.index import build_index
+from prvr_jax.search.index_store import IndexReader
+from prvr_jax.search.model import load_search_model
+from prvr_jax.search.text import encode_texts, encode_texts_with_model_tower, load_text_tower
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_queries(args: argparse.Namespace) -> list[str]:
-  from prvr_jax.search.errors import SearchError  # pylint: disable=import-outside-toplevel
 
   queries = []
   for k, text in enumerate(args.text):
@@ -91,7 +98,6 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
   """Bad numbers are reported before the (slow) model restore."""
-  from prvr_jax.search.errors import SearchError  # pylint: disable=import-outside-toplevel
 
   for name in names:
     value = getattr(args, name)
@@ -101,9 +107,6 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def run_index(args: argparse.Namespace):
   """`index`: returns the IndexSummary."""
-  # pylint: disable=import-outside-toplevel  # after parsing, so that --help is instant
-  from prvr_jax.search.index import build_index
-  from prvr_jax.search.model import load_search_model
 
   _check_positive(args, "chunk", "fps")
   model = load_search_model(args.workdir, args.which)
@@ -113,13 +116,6 @@ def run_index(args: argparse.Namespace):
 
 def run_query(args: argparse.Namespace):
   """`query`: returns the hits (lists per query)."""
-  # pylint: disable=import-outside-toplevel
-  from prvr_jax.models.caption_tower import WORKDIR_FILE as CAPTION_TOWER_FILE
-  from prvr_jax.search import query as query_lib
-  from prvr_jax.search.errors import SearchError
-  from prvr_jax.search.features import read_caption_features
-  from prvr_jax.search.index_store import IndexReader
-  from prvr_jax.search.model import load_search_model
 
   _check_positive(args, "top_k", "batch")
   queries = _read_queries(args)
@@ -140,7 +136,6 @@ def run_query(args: argparse.Namespace):
     raise SearchError("no query given: pass query texts or --queries FILE")
   # Query inputs are read before the (slow) model restore, so their errors come at once.
   if args.clip:
-    from prvr_jax.search.text import encode_texts, load_text_tower
 
     tower = load_text_tower(args.clip, args.text_kind, args.precision)
   elif args.text_features:
@@ -151,7 +146,6 @@ def run_query(args: argparse.Namespace):
   model = load_search_model(workdir, built.get("which") or "best", step=step)
   query_lib.check_model(index, model)
   if own_tower:
-    from prvr_jax.search.text import encode_texts_with_model_tower
 
     vectors, names = encode_texts_with_model_tower(model, queries, args.batch), queries
   elif args.clip:

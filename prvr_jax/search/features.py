@@ -12,14 +12,13 @@ import os
 import pathlib
 from typing import Optional, Sequence
 
+import h5py
 import numpy as np
 
 from prvr_jax.search.errors import SearchError
 
 
 def _open_h5(path: pathlib.Path, what: str):
-  import h5py  # pylint: disable=g-import-not-at-top  # only the feature readers need it
-
   if not path.is_file():
     raise SearchError(f"{path}: {what} file not found")
   try:
@@ -31,7 +30,6 @@ def _open_h5(path: pathlib.Path, what: str):
 
 def _read_rows(path: pathlib.Path, handle, item: str, kind: str) -> np.ndarray:
   """(rows, dim) float32 of one dataset, checked."""
-  import h5py  # pylint: disable=g-import-not-at-top
 
   node = handle.get(item)
   if node is None:
@@ -71,7 +69,6 @@ class VideoFeatureFile:
     Raises:
       SearchError: missing or unreadable file, no videos, a non-2-D entry or mixed widths.
     """
-    import h5py  # pylint: disable=g-import-not-at-top
 
     self.path = pathlib.Path(path)
     self.fps = fps

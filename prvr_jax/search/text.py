@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from prvr_jax.clip.load import load_clip
 from prvr_jax.clip.model import ClipEncoders
-from prvr_jax.text.tokenizer import ClipTokenizer
 from prvr_jax.data.pipeline import CaptionTokenizer
 from prvr_jax.eval.evaluate import make_query_encoder
 from prvr_jax.models.caption_tower import caption_rows
@@ -33,6 +33,7 @@ from prvr_jax.models.msc import MSCNet
 from prvr_jax.ops.similarity import l2_normalize
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.model import SearchModel
+from prvr_jax.text.tokenizer import ClipTokenizer
 
 TEXT_KINDS = ("projected", "hidden")
 DEFAULT_TEXT_BATCH = 64
@@ -79,7 +80,6 @@ def load_text_tower(clip_dir: str | os.PathLike, kind: str = "projected",
     SearchError: bad kind or a vocabulary smaller than CLIP's; CheckpointError / ClipConfigError
       from the loader (naming the file and tensor).
   """
-  from prvr_jax.clip.load import load_clip  # pylint: disable=import-outside-toplevel
 
   if kind not in TEXT_KINDS:
     raise SearchError(f"--text-kind must be one of {TEXT_KINDS}, got {kind!r}")

@@ -14,10 +14,12 @@ import os
 from typing import Any, Optional
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from prvr_jax.errors import PrvrError
+from prvr_jax.utils.files import atomic_write_text
 
 BEST_METRIC = "val_SumR"
 CHECKPOINT_DIR = "checkpoints"
@@ -101,7 +103,6 @@ def _has_metric(manager: ocp.CheckpointManager, step: int) -> bool:
 
 def write_config(config: Any, workdir: str | os.PathLike) -> str:
   """Writes the resolved config as JSON (what `load_trained` and the search tool read)."""
-  from prvr_jax.utils.files import atomic_write_text  # pylint: disable=import-outside-toplevel
 
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
   atomic_write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -110,7 +111,6 @@ def write_config(config: Any, workdir: str | os.PathLike) -> str:
 
 def read_config(workdir: str | os.PathLike) -> Any:
   """The run's resolved ConfigDict from `<workdir>/config.json`."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
 
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
   if not os.path.isfile(path):

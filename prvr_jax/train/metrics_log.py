@@ -6,6 +6,10 @@ import json
 import os
 from typing import Any, Mapping
 
+from tensorboardX import SummaryWriter
+
+from prvr_jax.utils.files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -30,7 +34,6 @@ def truncate_after(path: str, step: int) -> None:
           kept.append(line)
       except json.JSONDecodeError:  # a line cut by a crash
         continue
-  from prvr_jax.utils.files import atomic_write_text  # pylint: disable=import-outside-toplevel
 
   atomic_write_text(path, "".join(kept))
 
@@ -46,7 +49,6 @@ class MetricsLog:
       return
     if resume_step is not None:
       truncate_after(self.path, resume_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
     self._writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
     self._file = open(self.path, "a")

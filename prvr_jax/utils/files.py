@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import tempfile
+
+import numpy as np
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -30,9 +33,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_savez(path: str | os.PathLike, arrays: dict) -> None:
   """`np.savez` of `arrays` written atomically (a reader never sees a partial .npz)."""
-  import io  # pylint: disable=import-outside-toplevel
-
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)

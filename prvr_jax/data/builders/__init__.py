@@ -1,50 +1,9 @@
 """TFDS builders of the PRVR benchmarks (ArrayRecord), and the factory the config uses.
 
-  builder = make_builder(data, data_dir)   # data: a DataConfig; data_dir: where ArrayRecord files go
+  builder = factory.make_builder(data, data_dir)   # data: a DataConfig; data_dir: the TFDS dir
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
 
-Modules: records.py (the stored example), base.py (shared builder), collection.py (reading and
-validating the authors' layout), benchmarks.py (TVR, ActivityNet, Charades, QVHighlights),
-synthetic_benchmark.py. The builder classes are imported on first use, so that importing
-`records` (numpy only) does not pull in TFDS.
+Modules: records.py (the stored example, numpy only), base.py (shared builder), collection.py
+(reading and validating the authors' layout), benchmarks.py (TVR, ActivityNet, Charades,
+QVHighlights), synthetic_benchmark.py, factory.py (`make_builder`).
 """
-
-from __future__ import annotations
-
-import os
-from typing import TYPE_CHECKING, Any
-
-from prvr_jax.data.builders.records import METADATA_KEY
-
-if TYPE_CHECKING:  # data.config imports the synthetic generator, which imports records: a cycle at run time
-  from prvr_jax.data.config import DataConfig
-
-
-def make_builder(data: DataConfig, data_dir: str | os.PathLike, *, progress: bool = True) -> Any:
-  """The builder (a `base.PrvrBuilder`) named by `data.name`.
-
-  Args:
-    data: the `config.data` section: `name`, `visual_feature`, `on_error`, and for the synthetic
-      benchmark `synthetic`.
-    data_dir: TFDS data dir (the dataset lands in <data_dir>/<builder>/<config>/<version>).
-    progress: show progress bars while building.
-
-  Returns:
-    An un-built builder (call download_and_prepare with manual_dir=data.root for the real ones).
-  """
-  # pylint: disable=g-import-not-at-top
-  from prvr_jax.data.builders import benchmarks
-  from prvr_jax.data.builders.synthetic_benchmark import PrvrSynthetic
-  # pylint: enable=g-import-not-at-top
-
-  if data.name == "synthetic":
-    return PrvrSynthetic(spec=data.synthetic, data_dir=os.fspath(data_dir),
-                         file_format="array_record", on_error=data.on_error, progress=progress)
-  feature = data.visual_feature or "clip"
-  if data.name == "qvhighlights" and feature == "clip":
-    feature = "clipsf"  # QVHighlights ships SlowFast+CLIP files only
-  cls = benchmarks.BENCHMARK_BUILDERS[data.name]
-  known = {c.name: c for c in cls.BUILDER_CONFIGS}
-  config = known.get(feature) or benchmarks.make_config(feature)
-  return cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record",
-             on_error=data.on_error, progress=progress)

@@ -11,11 +11,31 @@ from __future__ import annotations
 import abc
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
 from prvr_jax.data import formats
-from prvr_jax.data.builders.records import METADATA_KEY, SplitStats, VideoRecord, record_features
+from prvr_jax.data.builders.records import METADATA_KEY, SplitStats, VideoRecord
+
+
+def record_features() -> Any:
+  """TFDS features (a tfds.features.FeaturesDict) of one example (one video)."""
+  # Raw bytes encoding: a (rows, dim) float32 block decodes with one np.frombuffer, several times
+  # faster than tf.Example float lists, and both sizes may vary (dims come from the files).
+  _BYTES = tfds.features.Encoding.BYTES
+  return tfds.features.FeaturesDict({
+      "video_id": tfds.features.Text(),
+      "feature_key": tfds.features.Text(),
+      "frames": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_BYTES),
+      "duration": tfds.features.Scalar(dtype=np.float32),
+      "caption_ids": tfds.features.Sequence(tfds.features.Text()),
+      "caption_texts": tfds.features.Sequence(tfds.features.Text()),
+      "caption_lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      "caption_tokens": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_BYTES),
+      "moments": tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
+      "caption_concepts": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+  })
 
 
 class PrvrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registration=True):

@@ -65,6 +65,84 @@ def _skip_captions(issues: formats.Issues, captions: list[formats.CaptionLine], 
     issues.skip(cap.caption_id, why)
 
 
+def _plan_captions(layout: formats.Layout, stores: Stores, lines: list[formats.CaptionLine],
+                   iss: formats.Issues, video_shapes: dict[str, tuple[int, ...]],
+                   text_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[formats.CaptionLine]]:
+  """One split's captions whose video and token features exist, by video (caption-file order);
+  fills in the shapes of their features."""
+  by_video: dict[str, list[formats.CaptionLine]] = collections.OrderedDict()
+  for cap in lines:
+    key = layout.feature_key(cap.video_id)
+    if key not in stores.video:
+      iss.report(formats.DataError(stores.video_path, cap.caption_id,
+                                   f"caption's video {cap.video_id!r} has no features "
+                                   f"(no entry {key!r})"))
+      continue
+    if cap.caption_id not in stores.text:
+      iss.report(formats.DataError(layout.text_features, cap.caption_id,
+                                   "caption has no token features"))
+      continue
+    try:
+      shape = stores.text.shape(cap.caption_id)
+    except formats.DataError as e:
+      iss.report(e)
+      continue
+    if len(shape) != 2 or shape[0] == 0:
+      iss.report(formats.DataError(layout.text_features, cap.caption_id,
+                                   f"token features have shape {shape}, expected (L >= 1, D_t)"))
+      continue
+    text_shapes[cap.caption_id] = shape
+    by_video.setdefault(cap.video_id, []).append(cap)
+  for vid in formats.ordered_unique([cap.video_id for cap in lines]):
+    if vid not in by_video:
+      iss.skip(vid, "all its captions were skipped")
+  for vid in list(by_video):
+    key = layout.feature_key(vid)
+    if key in video_shapes:
+      continue
+    try:
+      video_shapes[key] = stores.video.shape(key)
+    except formats.DataError as e:
+      iss.report(e)
+      _skip_captions(iss, by_video.pop(vid), f"its video {vid!r} was skipped")
+  return by_video
+
+
+def _plan_videos(layout: formats.Layout, stores: Stores, iss: formats.Issues,
+                 by_video: dict[str, list[formats.CaptionLine]], video_shapes: dict[str, tuple[int, ...]],
+                 text_shapes: dict[str, tuple[int, ...]], video_dim: int, text_dim: int
+                 ) -> list[PlannedVideo]:
+  """One split's videos whose features have the common sizes, with their good captions."""
+  planned = []
+  for vid, caps in by_video.items():
+    key = layout.feature_key(vid)
+    shape = video_shapes[key]
+    problem = None
+    if len(shape) != 2:
+      problem = f"frame features have shape {shape}, expected (T, D_v)"
+    elif shape[0] == 0:
+      problem = "has 0 feature rows"
+    elif shape[1] != video_dim:
+      problem = f"feature size {shape[1]} differs from the rest ({video_dim})"
+    if problem is not None:
+      iss.report(formats.DataError(stores.video_path, vid, problem))
+      _skip_captions(iss, caps, f"its video {vid!r} was skipped")
+      continue
+    good = []
+    for cap in caps:
+      d = text_shapes[cap.caption_id][-1]
+      if d != text_dim:
+        iss.report(formats.DataError(layout.text_features, cap.caption_id,
+                                     f"token feature size {d} differs from the rest ({text_dim})"))
+      else:
+        good.append(cap)
+    if not good:
+      iss.skip(vid, "all its captions were skipped")
+      continue
+    planned.append(PlannedVideo(vid, key, good))
+  return planned
+
+
 def plan_collection(layout: formats.Layout, stores: Stores,
                     issues: dict[str, formats.Issues]) -> CollectionPlan:
   """Checks ids, references, shapes and feature sizes of every split.
@@ -87,76 +165,12 @@ def plan_collection(layout: formats.Layout, stores: Stores,
     lines = formats.read_caption_file(cap_file, iss)
     moments[split] = (formats.read_moments_jsonl(layout.moment_files[split], layout.moment_style, iss)
                       if split in layout.moment_files else {})
-    by_video: dict[str, list[formats.CaptionLine]] = collections.OrderedDict()
-    for cap in lines:
-      key = layout.feature_key(cap.video_id)
-      if key not in stores.video:
-        iss.report(formats.DataError(stores.video_path, cap.caption_id,
-                                     f"caption's video {cap.video_id!r} has no features "
-                                     f"(no entry {key!r})"))
-        continue
-      if cap.caption_id not in stores.text:
-        iss.report(formats.DataError(layout.text_features, cap.caption_id,
-                                     "caption has no token features"))
-        continue
-      try:
-        shape = stores.text.shape(cap.caption_id)
-      except formats.DataError as e:
-        iss.report(e)
-        continue
-      if len(shape) != 2 or shape[0] == 0:
-        iss.report(formats.DataError(layout.text_features, cap.caption_id,
-                                     f"token features have shape {shape}, expected (L >= 1, D_t)"))
-        continue
-      text_shapes[cap.caption_id] = shape
-      by_video.setdefault(cap.video_id, []).append(cap)
-    for vid in formats.ordered_unique([cap.video_id for cap in lines]):
-      if vid not in by_video:
-        iss.skip(vid, "all its captions were skipped")
-    for vid in list(by_video):
-      key = layout.feature_key(vid)
-      if key in video_shapes:
-        continue
-      try:
-        video_shapes[key] = stores.video.shape(key)
-      except formats.DataError as e:
-        iss.report(e)
-        _skip_captions(iss, by_video.pop(vid), f"its video {vid!r} was skipped")
-    per_split[split] = by_video
-
+    per_split[split] = _plan_captions(layout, stores, lines, iss, video_shapes, text_shapes)
   video_dim = formats.most_common_dim(s[-1] for s in video_shapes.values() if len(s) == 2)
   text_dim = formats.most_common_dim(s[-1] for s in text_shapes.values())
-  splits: dict[str, list[PlannedVideo]] = {}
-  for split, by_video in per_split.items():
-    iss = issues[split]
-    planned = []
-    for vid, caps in by_video.items():
-      key = layout.feature_key(vid)
-      shape = video_shapes[key]
-      problem = None
-      if len(shape) != 2:
-        problem = f"frame features have shape {shape}, expected (T, D_v)"
-      elif shape[0] == 0:
-        problem = "has 0 feature rows"
-      elif shape[1] != video_dim:
-        problem = f"feature size {shape[1]} differs from the rest ({video_dim})"
-      if problem is not None:
-        iss.report(formats.DataError(stores.video_path, vid, problem))
-        _skip_captions(iss, caps, f"its video {vid!r} was skipped")
-        continue
-      good = []
-      for cap in caps:
-        d = text_shapes[cap.caption_id][-1]
-        if d != text_dim:
-          iss.report(formats.DataError(layout.text_features, cap.caption_id,
-                                       f"token feature size {d} differs from the rest ({text_dim})"))
-        else:
-          good.append(cap)
-      if not good:
-        iss.skip(vid, "all its captions were skipped")
-        continue
-      planned.append(PlannedVideo(vid, key, good))
-    splits[split] = planned
+  splits = {split: _plan_videos(layout, stores, issues[split], by_video, video_shapes, text_shapes,
+                                video_dim, text_dim)
+            for split, by_video in per_split.items()}
   return CollectionPlan(layout, splits, moments, video_dim, text_dim)
 
 

@@ -1,4 +1,5 @@
-"""The stored example (one per video) shared by every PRVR builder, and per-split statistics.
+"""The stored example (one per video) shared by every PRVR builder, and per-split statistics
+(numpy only: the synthetic generator imports it; the TFDS features are in base.py).
 
 An example holds a video's raw frames (variable T), all its captions with their raw token features
 (concatenated along rows, cut by `caption_lengths`), moment annotations and the duration when
@@ -14,27 +15,6 @@ import numpy as np
 
 UNKNOWN = -1.0  # duration / moment value when the benchmark has no annotation
 METADATA_KEY = "prvr"  # the key of our entry in the dataset's metadata.json
-
-
-def record_features() -> Any:
-  """TFDS features (a tfds.features.FeaturesDict) of one example (one video)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # records stay numpy-only
-
-  # Raw bytes encoding: a (rows, dim) float32 block decodes with one np.frombuffer, several times
-  # faster than tf.Example float lists, and both sizes may vary (dims come from the files).
-  _BYTES = tfds.features.Encoding.BYTES
-  return tfds.features.FeaturesDict({
-      "video_id": tfds.features.Text(),
-      "feature_key": tfds.features.Text(),
-      "frames": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_BYTES),
-      "duration": tfds.features.Scalar(dtype=np.float32),
-      "caption_ids": tfds.features.Sequence(tfds.features.Text()),
-      "caption_texts": tfds.features.Sequence(tfds.features.Text()),
-      "caption_lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-      "caption_tokens": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_BYTES),
-      "moments": tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
-      "caption_concepts": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-  })
 
 
 @dataclasses.dataclass
