@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -80,8 +81,15 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", config.data.name)
-  code = run(config, workdir, _MODE.value, _CHECKPOINT.value)
-  if os.environ.get("PRVR_NUM_PROCESSES") or os.environ.get("PRVR_DISTRIBUTED"):
+  distributed = bool(os.environ.get("PRVR_NUM_PROCESSES") or os.environ.get("PRVR_DISTRIBUTED"))
+  try:
+    code = run(config, workdir, _MODE.value, _CHECKPOINT.value)
+  except Exception:  # pylint: disable=broad-except  # a bug: its traceback, then the exit below
+    if not distributed:
+      raise
+    traceback.print_exc()
+    code = 1
+  if distributed:
     # After jax.distributed started, a normal interpreter exit can wait forever on the other
     # processes' collectives; leave at once with the code (logs are flushed first).
     logging.shutdown()
