@@ -3,10 +3,12 @@
   python -m prvr_jax.main                                   # synthetic benchmark: train + eval
   python -m prvr_jax.main --config=configs/tvr.py --config.data.root=DIR --workdir=runs/tvr
   python -m prvr_jax.main --config=... --workdir=W --mode=eval
+  python -m prvr_jax.main --config=... --workdir=W --mode=eval --baseline=clip   # CLIP zero-shot
 
 Modes: `prepare` (build the dataset of `config.data`, write `<workdir>/prepare_summary.json`),
 `train` (prepare when needed, train with resumption from `<workdir>`, evaluate the best checkpoint,
-write plots), `eval` (evaluate a trained workdir's best checkpoint). Multi-process runs are started
+write plots), `eval` (evaluate a trained workdir's best checkpoint, or with --baseline=clip the CLIP
+zero-shot row of the config's dataset, no training needed). Multi-process runs are started
 by launch/*.sh, which set PRVR_COORDINATOR_ADDRESS / PRVR_NUM_PROCESSES / PRVR_PROCESS_ID or
 PRVR_DISTRIBUTED=auto (see prvr_jax/parallel.py).
 """
@@ -22,7 +24,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prvr_jax.errors import PrvrError
+from prvr_jax.errors import ConfigError, PrvrError
 from prvr_jax.utils import host_memory
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -34,9 +36,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (datasets, checkp
 _MODE = flags.DEFINE_enum("mode", "train", ["prepare", "train", "eval"], "What to do.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                                 "--mode=eval: which checkpoint to evaluate.")
+_BASELINE = flags.DEFINE_enum("baseline", None, ["clip"],
+                              "--mode=eval: evaluate a baseline that needs no trained run instead "
+                              "(clip: CLIP zero-shot, the caption's EOS feature against the video's "
+                              "frames and OP-ToMe clips), written as eval_<split>_clip_baseline.json.")
 
 
-def run(config, workdir: str, mode: str, checkpoint: str = "best") -> int:
+def run(config, workdir: str, mode: str, checkpoint: str = "best", baseline: str | None = None) -> int:
   """Runs one mode; returns the process exit code.
 
   A user error (`PrvrError`: bad input, a bad config value, a missing or corrupt checkpoint, a
@@ -44,20 +50,22 @@ def run(config, workdir: str, mode: str, checkpoint: str = "best") -> int:
   with its traceback.
   """
   try:
-    _run_mode(config, workdir, mode, checkpoint)
+    _run_mode(config, workdir, mode, checkpoint, baseline)
   except PrvrError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
 
 
-def _run_mode(config, workdir: str, mode: str, checkpoint: str) -> None:
+def _run_mode(config, workdir: str, mode: str, checkpoint: str, baseline: str | None) -> None:
   # pylint: disable=import-outside-toplevel
   # Imported here, not at the top: grain workers re-import __main__ and must not load JAX, and
   # nothing heavy should load before the malloc re-exec of the `__main__` block.
   from prvr_jax.data.config import DataConfig
   from prvr_jax.data.prepare import prepare
 
+  if baseline and mode != "eval":
+    raise ConfigError(f"--baseline={baseline} goes with --mode=eval, not --mode={mode}")
   if mode == "prepare":
     prepare(DataConfig.from_config_dict(config.data), workdir)
     return
@@ -69,6 +77,8 @@ def _run_mode(config, workdir: str, mode: str, checkpoint: str) -> None:
   if mode == "train":
     summary = loop.train_and_evaluate(config, workdir)
     print(report.summary_line(summary, workdir), file=sys.stderr)
+  elif baseline:
+    report.evaluate_baseline(config, workdir, baseline)
   else:
     report.evaluate_run(workdir, which=checkpoint)
 
@@ -83,7 +93,7 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or os.path.join("runs", config.data.name)
   distributed = bool(os.environ.get("PRVR_NUM_PROCESSES") or os.environ.get("PRVR_DISTRIBUTED"))
   try:
-    code = run(config, workdir, _MODE.value, _CHECKPOINT.value)
+    code = run(config, workdir, _MODE.value, _CHECKPOINT.value, _BASELINE.value)
   except Exception:  # pylint: disable=broad-except  # a bug: its traceback, then the exit below
     if not distributed:
       raise

@@ -16,6 +16,7 @@ import pytest
 from configs import synthetic as synthetic_config
 from prvr_jax.data import pipeline
 from prvr_jax.data.prepare import prepare
+from prvr_jax.data.preprocess import resample_boundaries
 from prvr_jax.data.config import DataConfig
 from prvr_jax.eval import evaluate as E
 from prvr_jax.eval.config import EvalConfig
@@ -115,6 +116,42 @@ def test_exact_ties_are_not_counted():
       np.testing.assert_array_equal(got[kind], want[kind], err_msg=f"{kind} C={chunk}")
 
 
+def test_median_mean_rank_and_top_videos_equal_a_full_sort_with_ties():
+  """MedR / MnR come from the counted ranks and equal a full argsort's; the top videos are the
+  first of a stable sort of the fused scores (exact ties: the earlier video first)."""
+  rng = np.random.default_rng(4)
+  signs = lambda *shape: (0.5 * rng.choice([-1.0, 1.0], size=shape + (4,))).astype(np.float32)
+  for trial in range(3):
+    dup = rng.integers(0, 6, 13)  # 13 videos copied from 6: many exact ties
+    clip, frame = signs(6, 2)[dup], signs(6, 3)[dup]
+    m = 17
+    q, gt = signs(m), rng.integers(0, 13, m)
+    cs, fs = np.einsum("qd,nkd->qnk", q, clip).max(-1), np.einsum("qd,nfd->qnf", q, frame).max(-1)
+    gt_mask = gt[:, None] == np.arange(13)[None, :]
+    queries = E.EncodedQueries(q, gt.astype(np.int32), np.arange(m, dtype=np.int32))
+    got = E.rank_queries(queries, _corpus(clip, frame, np.arange(13)), video_chunk=3 + trial,
+                         query_batch=5, clip_weight=0.5, frame_weight=0.5, top_k=4)
+    report = E.recall_report(got)
+    for kind, scores in (("fused", 0.5 * cs + 0.5 * fs), ("clip", cs), ("frame", fs)):
+      want = _argsort_ranks(scores, gt_mask)
+      np.testing.assert_array_equal(got[kind], want)
+      values = report if kind == "fused" else report[kind]
+      assert values["MedR"] == np.median(want) and values["MnR"] == pytest.approx(np.mean(want))
+    fused = 0.5 * cs + 0.5 * fs
+    np.testing.assert_array_equal(got["top_videos"], np.argsort(-fused, axis=1, kind="stable")[:, :4])
+  assert (fused == fused[np.arange(m), gt][:, None]).sum(1).max() > 1  # ties with the ground truth
+
+
+def test_top_videos_are_padded_past_a_small_corpus():
+  rng = np.random.default_rng(5)
+  corpus = _corpus(_unit(rng.normal(size=(3, 2, 4))), _unit(rng.normal(size=(3, 2, 4))), [7, 8, 9])
+  queries = E.EncodedQueries(_unit(rng.normal(size=(2, 4))), np.array([7, 9], np.int32),
+                             np.arange(2, dtype=np.int32))
+  top = E.rank_queries(queries, corpus, video_chunk=2)["top_videos"]
+  assert top.shape == (2, 10) and (top[:, 3:] == -1).all()
+  assert sorted(top[0, :3]) == [7, 8, 9]  # split indices, not corpus positions
+
+
 def test_masked_frames_never_win():
   rng = np.random.default_rng(2)
   # Positive queries, negative frames: every valid frame scores below 0. Masked frames are zero, as
@@ -161,18 +198,37 @@ def _model_video_tokens(params, frames):
 
 
 @jax.jit
-def _full_matrix_split_ranks(params, frames, feat, mask, gt_mask, clip_w, frame_w):
-  """Ranks from full score matrices of a whole split encoded in one call, straight from the model."""
-  clip, frame, _ = _model_video_tokens(params, frames)
+def _split_tokens(params, frames, feat, mask):
+  """(clip tokens, frame tokens, clip spans, queries) of a whole split encoded in one call,
+  straight from the model, L2-normalised."""
+  clip, frame, inputs = _model_video_tokens(params, frames)
   query, _ = MSCNet(TINY_MODEL).apply({"params": params}, feat, mask, method=MSCNet.encode_query)
-  cs = max_token_scores(query, clip, normalize=True)
-  fs = max_token_scores(query, frame, normalize=True)
-  return {k: gt_ranks(s, gt_mask) for k, s in
-          (("fused", fused_scores(cs, fs, clip_w, frame_w)), ("clip", cs), ("frame", fs))}
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return unit(clip), unit(frame), inputs["clip_spans"], unit(query)
+
+
+def _argsort_ranks(scores: np.ndarray, gt_mask: np.ndarray) -> np.ndarray:
+  """1-based position of the first ground truth in a full descending sort of each row (ties
+  ordered ground truth first, as counting strictly better videos does)."""
+  ranks = []
+  for row, gt in zip(scores, gt_mask):
+    order = np.lexsort((~gt, -row))
+    ranks.append(1 + int(np.flatnonzero(gt[order])[0]))
+  return np.asarray(ranks)
+
+
+def _seconds(first_row: int, end_row: int, num_frames: int, duration: float) -> tuple[float, float]:
+  """Seconds of the frames behind resampled rows [first_row, end_row) (module docstring of
+  ops/moments.py), from the resampling boundaries directly."""
+  idx = resample_boundaries(num_frames, 128)
+  last = max(int(idx[end_row]), int(idx[end_row - 1]) + 1)
+  per_frame = duration / num_frames
+  return int(idx[first_row]) * per_frame, last * per_frame
 
 
 def _brute_force_report(params, ddir, split, clip_w=0.4, frame_w=0.6):
-  """Metrics of `_full_matrix_split_ranks` on the split's records read directly."""
+  """Report and per-query arrays from full score matrices of the split's records read directly:
+  ranks by a full sort, moments by the rule of ops/moments.py written out per query."""
   info = pipeline.open_split(ddir, split)
   source = pipeline.RecordSource(ddir, split)
   records = [source[i] for i in range(info.num_videos)]
@@ -183,26 +239,59 @@ def _brute_force_report(params, ddir, split, clip_w=0.4, frame_w=0.6):
       captions, len(captions), max_tokens, info.text_dim, False)
   gt = np.repeat(np.arange(info.num_videos), np.diff(info.caption_offsets))
   gt_mask = gt[:, None] == np.arange(info.num_videos)[None, :]
-  ranks = _full_matrix_split_ranks(params, frames, feat, mask, gt_mask, clip_w, frame_w)
-  report = recall_at_k(ranks["fused"])
-  report.update(clip=recall_at_k(ranks["clip"]), frame=recall_at_k(ranks["frame"]),
-                num_queries=len(captions), num_videos=info.num_videos)
-  return report, {k: np.asarray(v) for k, v in ranks.items()}
+  clip, frame, clip_spans, query = (np.asarray(x) for x in _split_tokens(params, frames, feat, mask))
+  clip_sim = np.einsum("qd,nkd->qnk", query, clip)
+  frame_sim = np.einsum("qd,nfd->qnf", query, frame)
+  cs, fs = clip_sim.max(-1), frame_sim.max(-1)
+  ranks = {k: _argsort_ranks(v, gt_mask) for k, v in
+           (("fused", clip_w * cs + frame_w * fs), ("clip", cs), ("frame", fs))}
+  report = dict(recall_at_k(ranks["fused"]), MedR=float(np.median(ranks["fused"])),
+                MnR=float(np.mean(ranks["fused"])))
+  for kind in ("clip", "frame"):
+    report[kind] = dict(recall_at_k(ranks[kind]), MedR=float(np.median(ranks[kind])),
+                        MnR=float(np.mean(ranks[kind])))
+  report.update(num_queries=len(captions), num_videos=info.num_videos)
+  moment = np.zeros((len(gt), 2))
+  for q, v in enumerate(gt):
+    num_frames, duration = len(records[v]["frames"]), float(records[v]["duration"])
+    if clip_w * cs[q, v] > frame_w * fs[q, v]:
+      start, end = clip_spans[v, np.argmax(clip_sim[q, v])]
+    else:
+      start = np.argmax(frame_sim[q, v])
+      end = start + 1
+    moment[q] = _seconds(int(start), int(end), num_frames, duration)
+  gt_moment = np.concatenate([r["moments"] for r in records])
+  return report, dict(ranks, moment=moment, gt_moment=gt_moment)
 
 
 def test_evaluate_split_equals_brute_force(ddir, params):
-  report, ranks = E.evaluate_split_with_ranks(params, TINY_MODEL, tiny_config(), EvalConfig(), ddir,
-                                              "val", progress=False)
-  want, want_ranks = _brute_force_report(params, ddir, "val")
+  report, results = E.evaluate_split_with_ranks(params, TINY_MODEL, tiny_config(), EvalConfig(), ddir,
+                                                "val", progress=False)
+  want, want_results = _brute_force_report(params, ddir, "val")
+  moment = report.pop("moment")
   assert report == want
   for kind in ("fused", "clip", "frame"):
-    np.testing.assert_array_equal(ranks[kind], want_ranks[kind])
+    np.testing.assert_array_equal(results[kind], want_results[kind])
   assert report["num_videos"] == 11 and report["num_queries"] == pipeline.open_split(ddir, "val").num_captions
   assert 0 < report["SumR"] < 400 and report["R@100"] == 100.0  # 11 videos: every rank <= 100
-  # Another query batch size, and fusion weights from config.eval.
-  got = E.evaluate_split(params, TINY_MODEL, tiny_config(eval_query_batch_size=5),
-                         EvalConfig(clip_weight=0.7, frame_weight=0.3), ddir, "val", progress=False)
-  assert got == _brute_force_report(params, ddir, "val", 0.7, 0.3)[0]
+  assert len(set(results["fused"])) > 3 and report["MedR"] > 1  # the ranks are not trivial
+  # The moment search would return for the ground-truth video, in seconds, and its annotation.
+  np.testing.assert_allclose(results["moment"], want_results["moment"], rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(results["gt_moment"], want_results["gt_moment"])
+  assert moment["queries"] == report["num_queries"]  # every synthetic caption is annotated
+  iou = E.moments.temporal_iou(want_results["moment"], want_results["gt_moment"])
+  assert moment["mIoU"] == pytest.approx(100 * iou.mean())
+  assert moment["IoU>=0.5"] == pytest.approx(100 * np.mean(iou >= 0.5))
+  assert moment["R@1,IoU>=0.5"] == pytest.approx(100 * np.mean((iou >= 0.5) & (want_results["fused"] == 1)))
+  # Another query batch size, and fusion weights from config.eval (the clip branch now gives
+  # some of the moments).
+  got, got_results = E.evaluate_split_with_ranks(
+      params, TINY_MODEL, tiny_config(eval_query_batch_size=5),
+      EvalConfig(clip_weight=0.7, frame_weight=0.3), ddir, "val", progress=False)
+  assert 0 < got.pop("moment")["clip_branch"] < 100
+  want_07, want_07_results = _brute_force_report(params, ddir, "val", 0.7, 0.3)
+  assert got == want_07
+  np.testing.assert_allclose(got_results["moment"], want_07_results["moment"], rtol=1e-5, atol=1e-4)
   assert got["clip"] == want["clip"] and got["frame"] == want["frame"]
 
 

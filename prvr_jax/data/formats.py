@@ -9,7 +9,8 @@ Layouts under `<root>/<collection>/` (collection = the authors' folder name):
   MS-SL:           FeatureData/<feature>/{feature.bin, id.txt, shape.txt, video2frames.txt} (BigFile)
                    TextData/roberta_<c>_query_feat.hdf5   caption id -> (L, D_t)
   all:             TextData/<c>{train,val,test}.caption.txt, lines `<video_id>#enc#<k> <caption text>`
-  optional:        moment annotations, jsonl (TVR `desc`/`duration`/`ts`, QVHighlights `query`/...)
+  optional:        moment annotations (TVR / QVHighlights release jsonl, ActivityNet Captions json,
+                   Charades-STA txt + Charades_v1_*.csv durations), see MOMENT_FILES
 
 Nothing here imports JAX. Every problem is a `DataError` naming the file and the item; callers pick
 whether it is raised or recorded as a skipped item (`Issues`).
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import ast
 import collections
+import csv
 import dataclasses
 import json
 import os
 import pathlib
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -148,52 +150,161 @@ def read_caption_file(path: str | os.PathLike, issues: Issues) -> list[CaptionLi
 
 @dataclasses.dataclass(frozen=True)
 class Moment:
-  """A caption's moment annotation, in seconds, and its video's duration."""
+  """A caption's moment annotation, in seconds, and its video's duration (-1: not known)."""
 
   start: float
   end: float
   duration: float
 
 
-def read_moments_jsonl(path: str | os.PathLike, style: str, issues: Issues) -> dict[tuple[str, str], Moment]:
-  """Reads moment annotations keyed by (video id, caption text).
+# Moment annotation styles: 'tvr' and 'qvhighlights' (jsonl, one caption per line),
+# 'activitynet' (ActivityNet Captions json: video -> duration, timestamps, sentences) and
+# 'charades_sta' (Charades-STA txt lines `<video> <start> <end>##<sentence>`, durations from the
+# Charades_v1_<split>.csv files beside it when present).
+MOMENT_STYLES = ("tvr", "qvhighlights", "activitynet", "charades_sta")
 
-  The reference matches annotations to captions by their text alone; the video id is added to the
-  key so that one text used in two videos cannot pick up the other video's moment.
 
-  Args:
-    path: jsonl file.
-    style: 'tvr' (`vid_name`, `desc`, `duration`, `ts`) or 'qvhighlights' (`vid`, `query`,
-      `duration`, `relevant_windows`; the first window is kept).
-    issues: where bad lines go.
+def check_moment(path: str | os.PathLike, item: str, split: str, video: str, start: float, end: float,
+                 duration: float) -> Optional[DataError]:
+  """The DataError of an annotation that cannot be a moment of its video, None when it is sound.
 
-  Returns:
-    {(video_id, text.rstrip()): Moment}.
+  A moment is kept as annotated, never clipped: one that ends before it starts, has no length,
+  starts before 0 or ends after a known duration is reported with its split and video.
   """
-  path = pathlib.Path(path)
+  where = f"{split} split, video {video!r}: moment [{start:g}, {end:g}] s"
+  if not all(np.isfinite([start, end, duration])):
+    return DataError(path, item, f"{where} has NaN or inf values (duration {duration:g})")
+  if end < start:
+    return DataError(path, item, f"{where} ends before it starts")
+  if end == start:
+    return DataError(path, item, f"{where} has no length")
+  if start < 0:
+    return DataError(path, item, f"{where} starts before 0")
+  if duration >= 0 and end > duration:
+    return DataError(path, item, f"{where} ends after the video's duration {duration:g} s")
+  if duration == 0:
+    return DataError(path, item, f"{where}: the video's duration is 0")
+  return None
+
+
+_Annotation = tuple[str, str, float, float, float]  # video, text, start, end, duration
+
+
+def _release_jsonl(path: pathlib.Path, style: str) -> Iterator[tuple[str, _Annotation | Exception]]:
+  """TVR / QVHighlights release files: one JSON object per caption."""
   keys = {"tvr": ("vid_name", "desc"), "qvhighlights": ("vid", "query")}[style]
-  out: dict[tuple[str, str], Moment] = {}
   with open(path, encoding="utf-8") as f:
     for lineno, raw in enumerate(f, start=1):
       if not raw.strip():
         continue
-      item = f"line {lineno}"
       try:
         rec = json.loads(raw)
-        vid, text = str(rec[keys[0]]), str(rec[keys[1]]).rstrip()
-        duration = float(rec["duration"])
+        vid, text, duration = str(rec[keys[0]]), str(rec[keys[1]]), float(rec["duration"])
         if style == "tvr":
           start, end = (float(t) for t in rec["ts"])
+        elif not rec.get("relevant_windows"):
+          continue  # a query without windows has no moment (e.g. a test release)
         else:
-          windows = rec.get("relevant_windows") or [[0.0, 0.0]]
-          start, end = (float(t) for t in windows[0])
+          start, end = (float(t) for t in rec["relevant_windows"][0])
+        yield f"line {lineno}", (vid, text, start, end, duration)
       except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        issues.report(DataError(path, item, f"malformed moment annotation: {e!r}"))
-        continue
-      if not all(np.isfinite([start, end, duration])):
-        issues.report(DataError(path, item, "moment annotation has NaN or inf values"))
-        continue
-      out[(vid, text)] = Moment(start, end, duration)
+        yield f"line {lineno}", e
+
+
+def _activitynet_json(path: pathlib.Path, style: str) -> Iterator[tuple[str, _Annotation | Exception]]:
+  """ActivityNet Captions: {video: {duration, timestamps: [[s, e], ...], sentences: [...]}}."""
+  del style
+  try:
+    videos = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(videos, dict):
+      raise ValueError(f"expected an object of videos, got {type(videos).__name__}")
+  except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+    raise DataError(path, WHOLE_FILE, f"not an ActivityNet Captions json file: {e}") from None
+  for vid, rec in videos.items():
+    try:
+      duration, stamps, sentences = float(rec["duration"]), rec["timestamps"], rec["sentences"]
+      if len(stamps) != len(sentences):
+        raise ValueError(f"{len(stamps)} timestamps for {len(sentences)} sentences")
+    except (KeyError, TypeError, ValueError) as e:
+      yield f"video {vid}", e
+      continue
+    for j, (stamp, text) in enumerate(zip(stamps, sentences)):
+      try:
+        start, end = (float(t) for t in stamp)
+        yield f"video {vid} sentence {j}", (str(vid), str(text), start, end, duration)
+      except (TypeError, ValueError) as e:
+        yield f"video {vid} sentence {j}", e
+
+
+def _charades_sta_txt(path: pathlib.Path, style: str) -> Iterator[tuple[str, _Annotation | Exception]]:
+  """Charades-STA: lines `<video> <start> <end>##<sentence>`; durations from the CSVs beside."""
+  del style
+  durations = _charades_durations(path.parent)
+  for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    if not raw.strip():
+      continue
+    try:
+      head, text = raw.split("##", 1)
+      vid, start, end = head.split()
+      yield f"line {lineno}", (vid, text, float(start), float(end), durations.get(vid, -1.0))
+    except ValueError as e:
+      yield f"line {lineno}", e
+
+
+# style -> reader of (item, annotation or parse error).
+_MOMENT_READERS = {"tvr": _release_jsonl, "qvhighlights": _release_jsonl,
+                   "activitynet": _activitynet_json, "charades_sta": _charades_sta_txt}
+
+
+def _charades_durations(folder: pathlib.Path) -> dict[str, float]:
+  """Video id -> `length` (seconds) from the Charades_v1_{train,test}.csv files in `folder`."""
+  out: dict[str, float] = {}
+  for name in ("Charades_v1_train.csv", "Charades_v1_test.csv"):
+    path = folder / name
+    if not path.is_file():
+      continue
+    with open(path, encoding="utf-8", newline="") as f:
+      for lineno, row in enumerate(csv.DictReader(f), start=2):
+        try:
+          out[str(row["id"])] = float(row["length"])
+        except (KeyError, TypeError, ValueError) as e:
+          raise DataError(path, f"line {lineno}", f"expected 'id' and 'length' columns: {e!r}") from None
+  return out
+
+
+def read_moments(path: str | os.PathLike, style: str, issues: Issues,
+                 split: str = "") -> dict[tuple[str, str], Moment]:
+  """Reads moment annotations keyed by (video id, caption text), validated (`check_moment`).
+
+  The reference matches annotations to captions by their text alone; the video id is added to the
+  key so that one text used in two videos cannot pick up the other video's moment. Texts are
+  compared with surrounding whitespace stripped.
+
+  Args:
+    path: the annotation file.
+    style: one of MOMENT_STYLES: 'tvr' (`vid_name`, `desc`, `duration`, `ts`), 'qvhighlights'
+      (`vid`, `query`, `duration`, `relevant_windows`; the first window is kept, a query without
+      one has no moment), 'activitynet' (ActivityNet Captions json), 'charades_sta'.
+    issues: where bad annotations go (a skipped one leaves its caption without a moment).
+    split: the split the file annotates, for messages.
+
+  Returns:
+    {(video_id, text.strip()): Moment}.
+  """
+  if style not in _MOMENT_READERS:
+    raise ValueError(f"unknown moment annotation style {style!r}; expected one of {MOMENT_STYLES}")
+  path = pathlib.Path(path)
+  out: dict[tuple[str, str], Moment] = {}
+  for item, parsed in _MOMENT_READERS[style](path, style):
+    if isinstance(parsed, Exception):
+      issues.report(DataError(path, item, f"malformed moment annotation: {parsed!r}"))
+      continue
+    vid, text, start, end, duration = parsed
+    problem = check_moment(path, item, split or "?", vid, start, end, duration)
+    if problem is not None:
+      issues.report(problem)
+      continue
+    out[(vid, text.strip())] = Moment(start, end, duration)
   return out
 
 
@@ -372,7 +483,7 @@ class Layout:
     text_features: the token-feature h5 file.
     caption_files: split -> caption file (test only when it exists).
     moment_files: split -> jsonl (only those found).
-    moment_style: 'tvr', 'qvhighlights' or None.
+    moment_style: one of MOMENT_STYLES, or None.
     strip_video_prefix: prefix that caption video ids carry and feature keys lack ('v_' for
       ActivityNet's CLIP features).
   """
@@ -398,11 +509,16 @@ class Layout:
     return video_id[len(p):] if p and video_id.startswith(p) else video_id
 
 
-# Moment annotation files by collection: (style, {split: candidate file names}).
-_MOMENT_FILES = {
+# Moment annotation files by collection: (style, {split: file name}), looked for in the collection
+# folder and in its TextData/. ActivityNet Captions: the dense-captioning release (val = val_1,
+# test = val_2); Charades-STA: its train and test files (val and test are read from the test file).
+MOMENT_FILES = {
     "tvr": ("tvr", {"train": "tvr_train_release.jsonl", "val": "tvr_val_release.jsonl"}),
     "qvhighlight": ("qvhighlights", {"train": "highlight_train_release.jsonl",
                                      "val": "highlight_val_release.jsonl"}),
+    "activitynet": ("activitynet", {"train": "train.json", "val": "val_1.json", "test": "val_2.json"}),
+    "charades": ("charades_sta", {"train": "charades_sta_train.txt", "val": "charades_sta_test.txt",
+                                  "test": "charades_sta_test.txt"}),
 }
 
 
@@ -452,8 +568,8 @@ def resolve_layout(root: str | os.PathLike, name: str, visual_feature: str = "cl
       raise DataError(p, WHOLE_FILE, "caption file not found")
   moments: dict[str, pathlib.Path] = {}
   style = None
-  if c in _MOMENT_FILES:
-    style, files = _MOMENT_FILES[c]
+  if c in MOMENT_FILES:
+    style, files = MOMENT_FILES[c]
     for split, fname in files.items():
       for cand in (folder / fname, folder / "TextData" / fname):
         if cand.is_file():

@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from prvr_jax.data.builders.factory import make_builder
-from prvr_jax.data.builders.records import METADATA_KEY
+from prvr_jax.data.builders.records import METADATA_KEY, UNKNOWN
 from prvr_jax.data.config import DataConfig
 from prvr_jax.data.formats import DataError
 from prvr_jax.data.preprocess import DEFAULT_LENGTH, l2_normalize, resample_to_fixed_length
@@ -161,6 +161,36 @@ class RecordSource:
 
   def __setstate__(self, state):
     self.__init__(state["dataset_dir"], state["split"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitNames:
+  """The ids and texts of one split, in split order (video index, caption = query index).
+
+  Attributes:
+    video_ids: N video ids.
+    caption_ids: Q caption ids.
+    caption_texts: Q caption texts.
+  """
+
+  video_ids: list[str]
+  caption_ids: list[str]
+  caption_texts: list[str]
+
+
+def read_split_names(dataset_dir: str | os.PathLike, split: str) -> SplitNames:
+  """Video ids, caption ids and caption texts of a split (frames and token rows are not decoded)."""
+  builder = tfds.builder_from_directory(os.fspath(dataset_dir))
+  skipped = {key: tfds.decode.SkipDecoding() for key in ("frames", "caption_tokens", "moments")}
+  source = builder.as_data_source(split=split, decoders=skipped)
+  text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)
+  videos, ids, texts = [], [], []
+  for i in range(len(source)):
+    rec = source[i]
+    videos.append(text(rec["video_id"]))
+    ids.extend(text(c) for c in rec["caption_ids"])
+    texts.extend(text(c) for c in rec["caption_texts"])
+  return SplitNames(videos, ids, texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +425,8 @@ class _EvalVideo(grain.transforms.Map):
     rec = self.source[index]
     return dict(video_frames=resample_to_fixed_length(rec["frames"], self.num_frames),
                 video_valid=np.bool_(valid), video_index=np.int32(index if valid else -1),
-                duration=np.float32(rec["duration"]))
+                duration=np.float32(rec["duration"]),
+                num_feature_frames=np.int32(np.shape(rec["frames"])[0]))
 
 
 class _EvalQuery(grain.transforms.Map):
@@ -409,11 +440,13 @@ class _EvalQuery(grain.transforms.Map):
   def map(self, element):
     query, valid, _ = element
     video = int(np.searchsorted(self.info.caption_offsets, query, side="right") - 1)
-    text = _caption_inputs(self.source[video], [query - self.info.caption_offsets[video]], 1,
-                           self.max_tokens, self.info.text_dim, self.keep_eos, self.tokenizer)
+    rec, caption = self.source[video], query - self.info.caption_offsets[video]
+    text = _caption_inputs(rec, [caption], 1, self.max_tokens, self.info.text_dim, self.keep_eos,
+                           self.tokenizer)
+    moment = np.asarray(rec["moments"], np.float32)[caption] if valid else np.full(2, UNKNOWN, np.float32)
     return dict(**{k: v[0] for k, v in text.items()}, query_valid=np.bool_(valid),
                 query_index=np.int32(query if valid else -1),
-                gt_video_index=np.int32(video if valid else -1))
+                gt_video_index=np.int32(video if valid else -1), gt_moment=moment)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +548,7 @@ def eval_video_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, ba
   Returns:
     MapDataset of dicts (B = batch_size // process_count): video_frames (B, num_frames, D_v)
     float32 un-normalised, video_valid (B,) bool, video_index (B,) int32 (-1 padding), duration
-    (B,) float32 seconds (-1 unknown).
+    (B,) float32 seconds (-1 unknown), num_feature_frames (B,) int32 (T, the raw frame count).
   """
   info = _open_nonempty_split(dataset_dir, split)
   local = _local_batch(batch_size, process_count)
@@ -534,7 +567,8 @@ def eval_query_dataset(dataset_dir: str | os.PathLike, split: str = "val", *, ba
     MapDataset of dicts (B = batch_size // process_count): text_feat (B, L, D_t) float32,
     text_mask (B, L) float32 (with caption_text_length > 0: caption_ids / caption_id_mask
     (B, L0) int32 instead, see `train_dataset`), query_valid (B,) bool, query_index (B,) int32 (caption index in
-    the split, -1 padding), gt_video_index (B,) int32 (its video's index, -1 padding).
+    the split, -1 padding), gt_video_index (B,) int32 (its video's index, -1 padding), gt_moment
+    (B, 2) float32 the caption's annotated [start, end] seconds (-1 where not annotated).
   """
   info = open_split(dataset_dir, split)
   local = _local_batch(batch_size, process_count)

@@ -3,9 +3,10 @@
   python -m prvr_jax.bench eval --videos 500 --queries 2500 --repeats 3
 
 One run = `encode_videos` (OP-ToMe, both branches, normalisation, copy to host) + `encode_queries` +
-`rank_queries` (scores and ranks) + R@k, on in-memory random inputs at TVR shapes (768-d frames
-and caption tokens, 128 frames, 32 clips, 32 caption tokens) with random parameters of the
-default network. The first run compiles and is reported as its own case; the steady case gives
+`rank_and_report` (scores, ranks, each query's top-10 videos and its ground truth's moment, R@k,
+MedR / MnR and the moment metrics) + the per-query records, on in-memory random inputs at TVR
+shapes (768-d frames and caption tokens, 128 frames, 32 clips, 32 caption tokens; every caption
+with an annotated moment) with random parameters of the default network. The first run compiles and is reported as its own case; the steady case gives
 the median of --repeats further runs, the split into encode-videos / encode-queries / score time
 and query-video pairs per second. The reference evaluates 500 x 2,500 in about 27 s.
 """
@@ -20,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prvr_jax.eval import evaluate
+from prvr_jax.data.pipeline import SplitNames
+from prvr_jax.eval import evaluate, records
+from prvr_jax.eval.config import EvalConfig
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import init_params
 
@@ -71,26 +74,35 @@ def random_eval_batches(num_videos: int, num_queries: int, model_cfg: ModelConfi
   share a video (query i belongs to video i * num_videos // num_queries), as in split order.
 
   Returns:
-    (video batches: `video_frames` (C, F, D_v), `video_valid` (C,), `video_index` (C,);
+    (video batches: `video_frames` (C, F, D_v), `video_valid` (C,), `video_index` (C,),
+     `duration` (C,), `num_feature_frames` (C,);
      query batches: `text_feat` (B, L, D_t), `text_mask` (B, L), `query_valid`, `query_index`,
-     `gt_video_index` (B,)).
+     `gt_video_index` (B,), `gt_moment` (B, 2)).
   """
   rng = np.random.default_rng(seed)
   f, dv, dt = model_cfg.num_frames, model_cfg.visual_input_size, model_cfg.query_input_size
   events = rng.standard_normal((num_videos, 4, dv), np.float32)
   frames = events[:, np.arange(f) * 4 // f] + 0.3 * rng.standard_normal((num_videos, f, dv), np.float32)
+  # TVR-like timing: 30-150 raw frames at 1.5 fps; each caption annotates one of the 4 events.
+  raw_frames = rng.integers(30, 151, num_videos).astype(np.int32)
+  durations = (raw_frames / 1.5).astype(np.float32)
   video_batches = []
   for s in range(0, num_videos, video_chunk):
     n = min(video_chunk, num_videos - s)
     video_batches.append(dict(
         video_frames=_pad_rows(frames[s:s + n], video_chunk),
         video_valid=np.arange(video_chunk) < n,
-        video_index=np.where(np.arange(video_chunk) < n, s + np.arange(video_chunk), -1).astype(np.int32)))
+        video_index=np.where(np.arange(video_chunk) < n, s + np.arange(video_chunk), -1).astype(np.int32),
+        duration=_pad_rows(durations[s:s + n], video_chunk),
+        num_feature_frames=_pad_rows(raw_frames[s:s + n], video_chunk)))
   text = rng.standard_normal((num_queries, caption_tokens, dt), np.float32)
   text /= np.linalg.norm(text, axis=-1, keepdims=True)
   lengths = 8 + np.arange(num_queries) % (caption_tokens - 7)
   mask = (np.arange(caption_tokens)[None, :] < lengths[:, None]).astype(np.float32)
   text *= mask[..., None]
+  gt_video = np.arange(num_queries) * num_videos // num_queries
+  event = rng.integers(0, 4, num_queries)
+  gt_moment = (np.stack([event, event + 1], axis=-1) / 4 * durations[gt_video, None]).astype(np.float32)
   query_batches = []
   for s in range(0, num_queries, query_batch):
     n = min(query_batch, num_queries - s)
@@ -99,8 +111,16 @@ def random_eval_batches(num_videos: int, num_queries: int, model_cfg: ModelConfi
     query_batches.append(dict(
         text_feat=_pad_rows(text[s:s + n], query_batch), text_mask=_pad_rows(mask[s:s + n], query_batch),
         query_valid=valid, query_index=index.astype(np.int32),
-        gt_video_index=np.where(valid, index * num_videos // num_queries, -1).astype(np.int32)))
+        gt_video_index=np.where(valid, index * num_videos // num_queries, -1).astype(np.int32),
+        gt_moment=_pad_rows(gt_moment[s:s + n], query_batch)))
   return video_batches, query_batches
+
+
+def _names(num_videos: int, num_queries: int) -> SplitNames:
+  """Ids and texts for the per-query records of the random benchmark."""
+  return SplitNames([f"video{i:05d}" for i in range(num_videos)],
+                    [f"video{i * num_videos // num_queries:05d}#enc#{i}" for i in range(num_queries)],
+                    [f"caption {i}" for i in range(num_queries)])
 
 
 def eval_once(params: Any, model_cfg: ModelConfig, video_batches: Iterable[dict[str, np.ndarray]],
@@ -116,7 +136,8 @@ def eval_once(params: Any, model_cfg: ModelConfig, video_batches: Iterable[dict[
   t1 = time.perf_counter()
   queries = evaluate.encode_queries(params, model_cfg, query_batches)
   t2 = time.perf_counter()
-  report = evaluate.recall_report(evaluate.rank_queries(queries, corpus, video_chunk=video_chunk))
+  report, results = evaluate.rank_and_report(corpus, queries, EvalConfig())
+  records.query_records(results, _names(len(corpus), len(queries)))
   t3 = time.perf_counter()
   return dict(encode_videos=t1 - t0, encode_queries=t2 - t1, score=t3 - t2,
               cpu=time.process_time() - cpu0), report

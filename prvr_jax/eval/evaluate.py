@@ -58,10 +58,13 @@ from prvr_jax.data.config import DataConfig
 from prvr_jax.errors import ConfigError
 from prvr_jax.eval import gather
 from prvr_jax.eval.config import EvalConfig
-from prvr_jax.eval.metrics import best_gt_score, count_above, recall_at_k
+from prvr_jax.data.builders.records import UNKNOWN
+from prvr_jax.eval.metrics import best_gt_score, count_above, rank_statistics, recall_at_k
+from prvr_jax.eval.moment_metrics import moment_report
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet
-from prvr_jax.ops.similarity import fused_scores, l2_normalize, max_token_scores
+from prvr_jax.ops import moments
+from prvr_jax.ops.similarity import fused_scores, l2_normalize
 from prvr_jax.ops.video_inputs import prepare_video_inputs
 from prvr_jax.parallel import DATA_AXIS, batch_sharding, replicated
 from prvr_jax.utils.files import atomic_write_text
@@ -70,6 +73,8 @@ from prvr_jax.utils.files import atomic_write_text
 SCORE_KINDS: tuple[str, ...] = ("fused", "clip", "frame")
 # Queries per ranking call: large enough for an efficient (Qb, D) x (D, C * F) product.
 DEFAULT_RANK_QUERY_BATCH = 512
+# Videos kept per query by fused score: the per-query records' top list.
+TOP_VIDEOS = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +91,8 @@ class EncodedCorpus:
     clip_spans: (N, K, 2) int32 [start, end) span of each clip token in the F resampled frames.
     video_index: (N,) int32 index of each video in its split.
     chunk_size: C, videos per encoding batch (ranking scores the corpus in chunks of this size).
+    durations: (N,) float32 seconds (-1 unknown), or None: moments are then in resampled rows.
+    num_feature_frames: (N,) int32 raw frame count T of each video (with `durations`).
   """
 
   clip_tokens: np.ndarray
@@ -93,9 +100,31 @@ class EncodedCorpus:
   clip_spans: np.ndarray
   video_index: np.ndarray
   chunk_size: int
+  durations: Optional[np.ndarray] = None
+  num_feature_frames: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
     return self.clip_tokens.shape[0]
+
+  def token_spans(self) -> tuple[np.ndarray, np.ndarray]:
+    """(clip (N, K, 2), frame (N, F, 2)) float32 time span of every token, as search gives them.
+
+    Seconds (`ops.moments.rows_to_seconds`) when the durations and frame counts are known;
+    otherwise resampled rows ([start, end) of a clip token, [r, r + 1) of frame token r). A
+    video of unknown duration (-1) gets negative spans: its moments are not scored.
+    """
+    n, f = self.frame_tokens.shape[:2]
+    frame_rows = moments.frame_row_spans(n, f)
+    if self.durations is None or self.num_feature_frames is None:
+      return self.clip_spans.astype(np.float32), frame_rows.astype(np.float32)
+    frames = np.maximum(self.num_feature_frames, 1)
+    return (moments.rows_to_seconds(self.clip_spans, frames, self.durations, f),
+            moments.rows_to_seconds(frame_rows, frames, self.durations, f))
+
+  def host_arrays(self) -> dict[str, np.ndarray]:
+    """Every per-video array by field name (what multi-process evaluation gathers)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name != "chunk_size" and getattr(self, f.name) is not None}
 
 
 @dataclasses.dataclass
@@ -106,11 +135,13 @@ class EncodedQueries:
     vectors: (M, D) float32.
     gt_video_index: (M,) int32 split index of each query's ground-truth video.
     query_index: (M,) int32 index of each query (caption) in its split.
+    gt_moments: (M, 2) float32 annotated [start, end] seconds (-1: none), or None.
   """
 
   vectors: np.ndarray
   gt_video_index: np.ndarray
   query_index: np.ndarray
+  gt_moments: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
     return self.vectors.shape[0]
@@ -297,13 +328,14 @@ def _progress(items: Iterable[Any], progress: bool, desc: str, total: Optional[i
 def encode_videos(params: Any, model_cfg: ModelConfig, batches: Iterable[Mapping[str, np.ndarray]], *,
                   mesh: Optional[Mesh] = None, progress: bool = False,
                   total: Optional[int] = None) -> EncodedCorpus:
-  """Encodes padded fixed-size video batches; padded items are dropped.
+  """Encodes padded fixed-size video batches with the network; padded items are dropped.
 
   Args:
     params: network parameters.
     model_cfg: the network's config.
     batches: dicts with `video_frames` (C, F, D_v) un-normalised resampled frames, `video_valid`
-      (C,) bool and `video_index` (C,) int32, C the same for every batch (one compiled program).
+      (C,) bool and `video_index` (C,) int32, C the same for every batch (one compiled program);
+      optionally `duration` (C,) float32 and `num_feature_frames` (C,) int32 (moments in seconds).
     mesh: a 1-D `data` mesh; C must divide by the number of this process's devices in it.
     progress: show a tqdm bar.
     total: number of batches, for the bar.
@@ -311,15 +343,25 @@ def encode_videos(params: Any, model_cfg: ModelConfig, batches: Iterable[Mapping
   Returns:
     The corpus on host.
   """
-  encode = make_video_encoder(model_cfg)
+  return encode_videos_with(make_video_encoder(model_cfg), params, batches, mesh=mesh,
+                            progress=progress, total=total)
+
+
+def encode_videos_with(encode: Callable[[Any, jax.Array], tuple[jax.Array, ...]], params: Any,
+                       batches: Iterable[Mapping[str, np.ndarray]], *, mesh: Optional[Mesh] = None,
+                       progress: bool = False, total: Optional[int] = None) -> EncodedCorpus:
+  """`encode_videos` with any jitted encoder fn(params, frames (C, F, D_v)) -> (clip tokens
+  (C, K, D), frame tokens (C, F, D), clip spans (C, K, 2)), tokens L2-normalised (the network's,
+  or the CLIP baseline's features themselves)."""
   mesh = _check_mesh(mesh) if mesh is not None else None
   params = place_params(params, mesh)
   parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
 
-  def collect(out, valid, index):
+  def collect(out, valid, extras):
     for name, x in zip(("clip_tokens", "frame_tokens", "clip_spans"), jax.device_get(out)):
       parts[name].append(np.asarray(x)[valid])
-    parts["video_index"].append(index[valid])
+    for name, x in extras.items():
+      parts[name].append(x[valid])
 
   pending, chunk_size = None, 0
   for batch in _progress(batches, progress, "encode videos", total):
@@ -329,10 +371,12 @@ def encode_videos(params: Any, model_cfg: ModelConfig, batches: Iterable[Mapping
       if mesh is not None:
         _check_chunk(chunk_size, mesh)
     out = encode(params, _put(frames, batch_sharding(mesh) if mesh is not None else None))
+    extras = {field: np.asarray(batch[key], dtype)
+              for field, key, dtype in _VIDEO_EXTRAS if key in batch}
     # Copy the previous chunk out while the device works on this one.
     if pending is not None:
       collect(*pending)
-    pending = (out, np.asarray(batch["video_valid"], bool), np.asarray(batch["video_index"], np.int32))
+    pending = (out, np.asarray(batch["video_valid"], bool), extras)
   if pending is not None:
     collect(*pending)
   if not parts["video_index"] or sum(len(v) for v in parts["video_index"]) == 0:
@@ -340,17 +384,23 @@ def encode_videos(params: Any, model_cfg: ModelConfig, batches: Iterable[Mapping
   return EncodedCorpus(**{k: np.concatenate(v) for k, v in parts.items()}, chunk_size=chunk_size)
 
 
+# (EncodedCorpus field, batch key, dtype) of the per-video bookkeeping kept from the batches.
+_VIDEO_EXTRAS = (("video_index", "video_index", np.int32), ("durations", "duration", np.float32),
+                 ("num_feature_frames", "num_feature_frames", np.int32))
+
+
 def encode_queries(params: Any, model_cfg: ModelConfig, batches: Iterable[Mapping[str, np.ndarray]], *,
                    mesh: Optional[Mesh] = None, progress: bool = False,
                    total: Optional[int] = None) -> EncodedQueries:
-  """Encodes padded fixed-size query batches; padded items are dropped.
+  """Encodes padded fixed-size query batches with the network; padded items are dropped.
 
   Args:
     params: network parameters.
     model_cfg: the network's config.
     batches: dicts with `text_feat` (B, L, D_t) and `text_mask` (B, L) (or `caption_ids` /
       `caption_id_mask` (B, L0) for a model with a caption tower), `query_valid` (B,) bool,
-      `query_index` (B,) and `gt_video_index` (B,) int32, B and L the same for every batch.
+      `query_index` (B,) and `gt_video_index` (B,) int32, B and L the same for every batch;
+      optionally `gt_moment` (B, 2) float32.
     mesh: a 1-D `data` mesh; batches are split over this process's devices of it when B
       divides by their number, else replicated.
     progress: show a tqdm bar.
@@ -359,20 +409,34 @@ def encode_queries(params: Any, model_cfg: ModelConfig, batches: Iterable[Mappin
   Returns:
     The queries on host.
   """
-  encode = make_query_encoder(model_cfg)
+  return encode_queries_with(make_query_encoder(model_cfg), params, batches, mesh=mesh,
+                             progress=progress, total=total)
+
+
+def encode_queries_with(encode: Callable[[Any, dict[str, jax.Array]], jax.Array], params: Any,
+                        batches: Iterable[Mapping[str, np.ndarray]], *, mesh: Optional[Mesh] = None,
+                        progress: bool = False, total: Optional[int] = None) -> EncodedQueries:
+  """`encode_queries` with any jitted encoder fn(params, captions) -> (B, D) L2-normalised
+  vectors (the network's query encoder, or the CLIP baseline's EOS rows)."""
   mesh = _check_mesh(mesh) if mesh is not None else None
   params = place_params(params, mesh)
-  vectors, gts, indices = [], [], []
+  parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
   for batch in _progress(batches, progress, "encode queries", total):
     _, split = _shardings(mesh, batch["query_valid"].shape[0])
     q = encode(params, {k: _put(v, split) for k, v in caption_arrays(batch).items()})
     valid = np.asarray(batch["query_valid"], bool)
-    vectors.append(np.asarray(jax.device_get(q))[valid])
-    gts.append(np.asarray(batch["gt_video_index"], np.int32)[valid])
-    indices.append(np.asarray(batch["query_index"], np.int32)[valid])
-  if not vectors or sum(len(v) for v in vectors) == 0:
+    parts["vectors"].append(np.asarray(jax.device_get(q))[valid])
+    for field, key, dtype in _QUERY_EXTRAS:
+      if key in batch:
+        parts[field].append(np.asarray(batch[key], dtype)[valid])
+  if not parts["vectors"] or sum(len(v) for v in parts["vectors"]) == 0:
     raise ValueError("encode_queries: no valid query in the batches")
-  return EncodedQueries(np.concatenate(vectors), np.concatenate(gts), np.concatenate(indices))
+  return EncodedQueries(**{k: np.concatenate(v) for k, v in parts.items()})
+
+
+# (EncodedQueries field, batch key, dtype) of the per-query bookkeeping kept from the batches.
+_QUERY_EXTRAS = (("gt_video_index", "gt_video_index", np.int32),
+                 ("query_index", "query_index", np.int32), ("gt_moments", "gt_moment", np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,27 +444,62 @@ def encode_queries(params: Any, model_cfg: ModelConfig, batches: Iterable[Mappin
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_kernel(clip_weight: float, frame_weight: float) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """jit fn(queries (Qb, D), gt_pos (Qb,), clip (C, K, D), frame (C, F, D), start, num_videos,
-  best (3, Qb), counts (3, Qb)) -> (max(best, gt score in this chunk), counts + videos of this
-  chunk scored above `best`), for the fused, clip and frame scores.
+def _chunk_kernel(clip_weight: float, frame_weight: float, top_k: int) -> Callable[..., dict]:
+  """jit fn(queries (Qb, D), gt_pos (Qb,), chunk, start, num_videos, state) -> state after this
+  chunk of videos, for one query batch.
 
-  Video positions of the chunk are start + [0, C); positions >= num_videos are padding.
+  chunk: `clip_tokens` (C, K, D), `frame_tokens` (C, F, D), `clip_spans` (C, K, 2) and
+  `frame_spans` (C, F, 2) float32 time spans. Video positions of the chunk are start + [0, C);
+  positions >= num_videos are padding. state (`_initial_state`):
+    best (3, Qb): max(best, ground-truth score in this chunk), fused / clip / frame;
+    counts (3, Qb): + videos of this chunk scored strictly above `best`;
+    moment (Qb, 2), branch (Qb,): the ground truth's moment (`ops.moments.choose_moment`, what
+      search returns for that video), set by the chunk that holds it;
+    top_score, top_pos (Qb, top_k): running top-k videos by fused score (ties: earlier position).
   """
 
   @jax.jit
-  def kernel(queries, gt_pos, clip_tokens, frame_tokens, start, num_videos, best, counts):
-    clip = max_token_scores(queries, clip_tokens, normalize=False)  # tokens are unit vectors
-    frame = max_token_scores(queries, frame_tokens, normalize=False)
+  def kernel(queries, gt_pos, chunk, start, num_videos, state):
+    clip_sim = jnp.einsum("qd,ckd->qck", queries, chunk["clip_tokens"])  # tokens are unit vectors
+    frame_sim = jnp.einsum("qd,cfd->qcf", queries, chunk["frame_tokens"])
+    clip, frame = jnp.max(clip_sim, axis=-1), jnp.max(frame_sim, axis=-1)
     scores = jnp.stack([fused_scores(clip, frame, clip_weight, frame_weight), clip, frame])
-    positions = start + jnp.arange(clip_tokens.shape[0], dtype=jnp.int32)
+    size = clip_sim.shape[1]
+    positions = start + jnp.arange(size, dtype=jnp.int32)
     gt_mask = gt_pos[:, None] == positions[None, :]  # (Qb, C)
+    real = positions < num_videos
     # A ground truth never counts against itself; on a full matrix it cannot either (s > s fails).
-    counted = (positions < num_videos)[None, :] & ~gt_mask
-    new_counts = counts + count_above(scores, best[..., None], counted)
-    return jnp.maximum(best, best_gt_score(scores, gt_mask)), new_counts
+    counted = real[None, :] & ~gt_mask
+    out = dict(counts=state["counts"] + count_above(scores, state["best"][..., None], counted),
+               best=jnp.maximum(state["best"], best_gt_score(scores, gt_mask)))
+    # The ground truth's moment, from its column of the similarities when it is in this chunk.
+    local = jnp.clip(gt_pos - start, 0, size - 1)
+    column = lambda sim: jnp.take_along_axis(sim, local[:, None, None], axis=1)[:, 0]
+    m = moments.choose_moment(column(clip_sim), column(frame_sim), chunk["clip_spans"][local],
+                              chunk["frame_spans"][local], clip_weight, frame_weight)
+    here = (gt_pos >= start) & (gt_pos < start + size)
+    out["moment"] = jnp.where(here[:, None], jnp.stack([m.start, m.end], axis=-1), state["moment"])
+    out["branch"] = jnp.where(here, m.branch, state["branch"])
+    fused = jnp.where(real[None, :], scores[0], -jnp.inf)
+    pos = jnp.broadcast_to(jnp.where(real, positions, -1), fused.shape)
+    both_score = jnp.concatenate([state["top_score"], fused], axis=1)
+    both_pos = jnp.concatenate([state["top_pos"], pos], axis=1)
+    out["top_score"], top = jax.lax.top_k(both_score, top_k)
+    out["top_pos"] = jnp.take_along_axis(both_pos, top, axis=1)
+    return out
 
   return kernel
+
+
+def _initial_state(query_batch: int, top_k: int) -> dict[str, np.ndarray]:
+  """`_chunk_kernel`'s state before the first chunk."""
+  kinds = len(SCORE_KINDS)
+  return dict(best=np.full((kinds, query_batch), -np.inf, np.float32),
+              counts=np.zeros((kinds, query_batch), np.int32),
+              moment=np.full((query_batch, 2), np.nan, np.float32),
+              branch=np.ones((query_batch,), np.int32),
+              top_score=np.full((query_batch, top_k), -np.inf, np.float32),
+              top_pos=np.full((query_batch, top_k), -1, np.int32))
 
 
 def _gt_positions(corpus: EncodedCorpus, gt_video_index: np.ndarray) -> np.ndarray:
@@ -424,9 +523,10 @@ def _padded(x: np.ndarray, rows: int, fill: Any = 0) -> np.ndarray:
 
 def rank_queries(queries: EncodedQueries, corpus: EncodedCorpus, *, video_chunk: int,
                  query_batch: int = DEFAULT_RANK_QUERY_BATCH, clip_weight: float = EvalConfig.clip_weight,
-                 frame_weight: float = EvalConfig.frame_weight,
+                 frame_weight: float = EvalConfig.frame_weight, top_k: int = TOP_VIDEOS,
                  mesh: Optional[Mesh] = None) -> dict[str, np.ndarray]:
-  """1-based rank of each query's ground-truth video under the fused, clip and frame scores.
+  """Rank of each query's ground-truth video under the fused, clip and frame scores, its moment,
+  and the query's top-k videos.
 
   Args:
     queries: M encoded queries; `gt_video_index` must name videos of the corpus.
@@ -435,21 +535,29 @@ def rank_queries(queries: EncodedQueries, corpus: EncodedCorpus, *, video_chunk:
       divide by its size and the chunk's videos are split over the devices.
     query_batch: Qb, queries per scoring call (the last batch is padded).
     clip_weight, frame_weight: weights of the fused score.
+    top_k: videos kept per query by fused score (the per-query records' list).
     mesh: a 1-D `data` mesh (this process's devices of it are used), or None.
 
   Returns:
-    {'fused', 'clip', 'frame'}: (M,) int64 ranks, in the order of `queries`.
+    In the order of `queries`: 'fused', 'clip', 'frame': (M,) int64 1-based ranks (1 + videos
+    scored strictly above); 'moment': (M, 2) float32 the moment search returns for the
+    ground-truth video (seconds, or rows, see `EncodedCorpus.token_spans`); 'moment_branch':
+    (M,) int32 (0 clip, 1 frame); 'top_videos': (M, top_k) int32 split indices of the best
+    videos by fused score, best first (-1 past the corpus size; among tied scores the earlier
+    video comes first, while the rank counts ties in the ground truth's favour).
   """
-  if video_chunk < 1 or query_batch < 1:
-    raise ValueError(f"video_chunk ({video_chunk}) and query_batch ({query_batch}) must be positive")
+  if video_chunk < 1 or query_batch < 1 or top_k < 1:
+    raise ValueError(f"video_chunk ({video_chunk}), query_batch ({query_batch}) and top_k "
+                     f"({top_k}) must be positive")
   n, m = len(corpus), len(queries)
   mesh = _check_mesh(mesh) if mesh is not None else None
   if mesh is not None:
     _check_chunk(video_chunk, mesh)
   rep, _ = _shardings(mesh, query_batch)
   video_split = batch_sharding(mesh) if mesh is not None else None
-  kernel = _chunk_kernel(float(clip_weight), float(frame_weight))
+  kernel = _chunk_kernel(float(clip_weight), float(frame_weight), int(top_k))
   gt_pos = _gt_positions(corpus, np.asarray(queries.gt_video_index, np.int32))
+  clip_spans, frame_spans = corpus.token_spans()
 
   num_batches = -(-m // query_batch)
   num_chunks = -(-n // video_chunk)
@@ -458,15 +566,14 @@ def rank_queries(queries: EncodedQueries, corpus: EncodedCorpus, *, video_chunk:
   batch_slices = [slice(b * query_batch, (b + 1) * query_batch) for b in range(num_batches)]
   q_dev = [_put(q_rows[s], rep) for s in batch_slices]
   gt_dev = [_put(gt_rows[s], rep) for s in batch_slices]
-  best = [_put(np.full((len(SCORE_KINDS), query_batch), -np.inf, np.float32), rep)
-          for _ in range(num_batches)]
-  counts = [_put(np.zeros((len(SCORE_KINDS), query_batch), np.int32), rep) for _ in range(num_batches)]
+  states = [_put(_initial_state(query_batch, top_k), rep) for _ in range(num_batches)]
   n_dev = _put(np.int32(n), rep)
 
-  def chunk(c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def chunk(c: int) -> tuple[dict[str, jax.Array], jax.Array]:
     sl = slice(c * video_chunk, (c + 1) * video_chunk)
-    return (_put(_padded(corpus.clip_tokens[sl], video_chunk), video_split),
-            _put(_padded(corpus.frame_tokens[sl], video_chunk), video_split),
+    arrays = dict(clip_tokens=corpus.clip_tokens[sl], frame_tokens=corpus.frame_tokens[sl],
+                  clip_spans=clip_spans[sl], frame_spans=frame_spans[sl])
+    return ({k: _put(_padded(v, video_chunk), video_split) for k, v in arrays.items()},
             _put(np.int32(c * video_chunk), rep))
 
   # Pass 1: the ground-truth scores, from the chunks that hold a batch's ground truths.
@@ -475,24 +582,79 @@ def rank_queries(queries: EncodedQueries, corpus: EncodedCorpus, *, video_chunk:
     for c in np.unique(gt_rows[s][gt_rows[s] >= 0] // video_chunk):
       batches_of_chunk[int(c)].append(b)
   for c in sorted(batches_of_chunk):
-    clip_c, frame_c, start = chunk(c)
+    arrays, start = chunk(c)
     for b in batches_of_chunk[c]:
-      best[b], _ = kernel(q_dev[b], gt_dev[b], clip_c, frame_c, start, n_dev, best[b], counts[b])
-  # Pass 2: count, chunk by chunk, the videos above each query's ground truth.
+      best = kernel(q_dev[b], gt_dev[b], arrays, start, n_dev, states[b])["best"]
+      states[b] = dict(states[b], best=best)
+  # Pass 2: count, chunk by chunk, the videos above each query's ground truth (and the rest).
   for c in range(num_chunks):
-    clip_c, frame_c, start = chunk(c)
+    arrays, start = chunk(c)
     for b in range(num_batches):
-      best[b], counts[b] = kernel(q_dev[b], gt_dev[b], clip_c, frame_c, start, n_dev, best[b], counts[b])
-  better = np.concatenate(jax.device_get(counts), axis=1)[:, :m].astype(np.int64)
-  return {kind: 1 + better[i] for i, kind in enumerate(SCORE_KINDS)}
+      states[b] = kernel(q_dev[b], gt_dev[b], arrays, start, n_dev, states[b])
+  # best and counts are (3, Qb) per batch, the rest (Qb, ...).
+  host = {key: np.concatenate(values, axis=1 if key in ("best", "counts") else 0)
+          for key, values in _transpose(jax.device_get(states)).items()}
+  better = host["counts"][:, :m].astype(np.int64)
+  out = {kind: 1 + better[i] for i, kind in enumerate(SCORE_KINDS)}
+  top_pos = host["top_pos"][:m]
+  out["top_videos"] = np.where(top_pos >= 0, corpus.video_index[np.maximum(top_pos, 0)], -1).astype(np.int32)
+  out["moment"] = host["moment"][:m]
+  out["moment_branch"] = host["branch"][:m]
+  return out
+
+
+def _transpose(states: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+  return {key: [s[key] for s in states] for key in states[0]}
 
 
 def recall_report(ranks: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Fused R@k / SumR at the top level plus `clip` and `frame` sub-dicts (same keys)."""
-  report: dict[str, Any] = dict(recall_at_k(ranks["fused"]))
-  report["clip"] = recall_at_k(ranks["clip"])
-  report["frame"] = recall_at_k(ranks["frame"])
+  """Fused R@k / SumR / MedR / MnR at the top level plus `clip` and `frame` sub-dicts (same keys)."""
+  by_kind = {kind: dict(recall_at_k(ranks[kind]), **rank_statistics(ranks[kind])) for kind in SCORE_KINDS}
+  report: dict[str, Any] = dict(by_kind["fused"])
+  report["clip"] = by_kind["clip"]
+  report["frame"] = by_kind["frame"]
   return report
+
+
+def rank_and_report(corpus: EncodedCorpus, queries: EncodedQueries, eval_cfg: EvalConfig, *,
+                    mesh: Optional[Mesh] = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Ranks this process's queries against the corpus of every process; the report and the
+  per-query results of the whole split.
+
+  Args:
+    corpus: this process's encoded videos (gathered from every process here).
+    queries: this process's encoded queries.
+    eval_cfg: the score fusion.
+    mesh: see `rank_queries`.
+
+  Returns:
+    (report, results). report: `recall_report`, 'num_queries', 'num_videos', and 'moment'
+    (`moment_metrics.moment_report`) when some query has an annotated moment. results, in split
+    order: the arrays of `rank_queries` plus 'query_index', 'gt_video_index', 'gt_moment'
+    (M, 2) (-1 unknown) and 'gt_duration' (M,) (-1 unknown).
+  """
+  if jax.process_count() > 1:
+    corpus = EncodedCorpus(**gather.allgather_rows(corpus.host_arrays()), chunk_size=corpus.chunk_size)
+  results = rank_queries(queries, corpus, video_chunk=corpus.chunk_size,
+                         clip_weight=eval_cfg.clip_weight, frame_weight=eval_cfg.frame_weight,
+                         mesh=mesh)
+  m = len(queries)
+  durations = (corpus.durations if corpus.durations is not None
+               else np.full(len(corpus), UNKNOWN, np.float32))
+  results["gt_video_index"] = np.asarray(queries.gt_video_index, np.int32)
+  results["gt_duration"] = durations[_gt_positions(corpus, results["gt_video_index"])]
+  results["gt_moment"] = (queries.gt_moments if queries.gt_moments is not None
+                          else np.full((m, 2), UNKNOWN, np.float32))
+  results = gather.in_split_order(results, queries.query_index)
+  # (A gather through JAX may narrow int64 to int32.)
+  results.update({kind: results[kind].astype(np.int64) for kind in SCORE_KINDS})
+  report = recall_report(results)
+  report["num_queries"] = len(results["fused"])
+  report["num_videos"] = len(corpus)
+  moment = moment_report(results)
+  if moment is not None:
+    report["moment"] = moment
+  return report, results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,7 +665,7 @@ def evaluate_split_with_ranks(params: Any, model_cfg: ModelConfig, data: DataCon
                               eval_cfg: EvalConfig, dataset_dir: str, split: str, *,
                               mesh: Optional[Mesh] = None, progress: bool = True
                               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """`evaluate_split` that also returns the ranks ({'fused', 'clip', 'frame'}: (M,) int64)."""
+  """`evaluate_split` that also returns the per-query results (`rank_and_report`)."""
   t0 = time.perf_counter()
   # Each process loads its share of the split (see the module docstring).
   videos, queries = pipeline.eval_from_config(data, dataset_dir, split,
@@ -515,22 +677,25 @@ def evaluate_split_with_ranks(params: Any, model_cfg: ModelConfig, data: DataCon
                          progress=progress, total=len(videos))
   encoded = encode_queries(params, model_cfg, pipeline.iterator_from_config(data, queries), mesh=mesh,
                            progress=progress, total=len(queries))
-  if jax.process_count() > 1:
-    whole = gather.allgather_rows(dict(clip_tokens=corpus.clip_tokens, frame_tokens=corpus.frame_tokens,
-                                       clip_spans=corpus.clip_spans, video_index=corpus.video_index))
-    corpus = EncodedCorpus(**whole, chunk_size=corpus.chunk_size)
-  ranks = rank_queries(encoded, corpus, video_chunk=corpus.chunk_size, clip_weight=eval_cfg.clip_weight,
-                       frame_weight=eval_cfg.frame_weight, mesh=mesh)
-  if jax.process_count() > 1:
-    ranks = {k: v.astype(np.int64) for k, v in gather.in_split_order(ranks, encoded.query_index).items()}
-  report = recall_report(ranks)
-  report["num_queries"] = len(ranks["fused"])
-  report["num_videos"] = len(corpus)
-  logging.info("eval %s: %d queries x %d videos in %.1f s: SumR %.2f (R@1 %.2f R@5 %.2f R@10 %.2f "
-               "R@100 %.2f), clip SumR %.2f, frame SumR %.2f", split, len(ranks["fused"]), len(corpus),
-               time.perf_counter() - t0, report["SumR"], report["R@1"], report["R@5"], report["R@10"],
-               report["R@100"], report["clip"]["SumR"], report["frame"]["SumR"])
-  return report, ranks
+  report, results = rank_and_report(corpus, encoded, eval_cfg, mesh=mesh)
+  logging.info("eval %s: %d queries x %d videos in %.1f s: %s", split, report["num_queries"],
+               report["num_videos"], time.perf_counter() - t0, summary_text(report))
+  return report, results
+
+
+def summary_text(report: Mapping[str, Any]) -> str:
+  """One line of an eval report: fused R@k, SumR, MedR, MnR, clip / frame SumR, moment figures."""
+  text = (f"R@1 {report['R@1']:.2f}  R@5 {report['R@5']:.2f}  R@10 {report['R@10']:.2f}  "
+          f"R@100 {report['R@100']:.2f}  SumR {report['SumR']:.2f}  MedR {report['MedR']:g}  "
+          f"MnR {report['MnR']:.2f}  (clip SumR {report['clip']['SumR']:.2f}, frame SumR "
+          f"{report['frame']['SumR']:.2f})")
+  moment = report.get("moment")
+  if moment:
+    text += (f"; moment mIoU {moment['mIoU']:.2f}  IoU>=0.5 {moment['IoU>=0.5']:.2f}  "
+             f"R@1,IoU>=0.5 {moment['R@1,IoU>=0.5']:.2f}  (uniform: mIoU "
+             f"{moment['uniform']['mIoU']:.2f}, IoU>=0.5 {moment['uniform']['IoU>=0.5']:.2f}) "
+             f"over {moment['queries']} annotated queries")
+  return text
 
 
 def evaluate_split(params: Any, model_cfg: ModelConfig, data: DataConfig, eval_cfg: EvalConfig,
@@ -550,8 +715,10 @@ def evaluate_split(params: Any, model_cfg: ModelConfig, data: DataConfig, eval_c
     progress: tqdm bars for video and query encoding.
 
   Returns:
-    {'R@1', 'R@5', 'R@10', 'R@100', 'SumR'} (percent, fused score), 'clip' and 'frame' dicts with
-    the same keys, 'num_queries' and 'num_videos'.
+    {'R@1', 'R@5', 'R@10', 'R@100', 'SumR'} (percent, fused score), 'MedR' and 'MnR' (median and
+    mean rank of the ground truth, 1 = top), 'clip' and 'frame' dicts with the same keys,
+    'num_queries', 'num_videos', and 'moment' where the split has moment annotations (see
+    `moment_metrics`).
   """
   return evaluate_split_with_ranks(params, model_cfg, data, eval_cfg, dataset_dir, split, mesh=mesh,
                                    progress=progress)[0]

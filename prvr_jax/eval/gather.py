@@ -51,16 +51,17 @@ def allgather_rows(arrays: Mapping[str, np.ndarray],
   return out
 
 
-def in_split_order(ranks: Mapping[str, np.ndarray], query_index: np.ndarray) -> dict[str, np.ndarray]:
-  """Ranks gathered from all processes, reordered by query (caption) index.
+def in_split_order(arrays: Mapping[str, np.ndarray], query_index: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-query arrays gathered from all processes, reordered by query (caption) index.
 
   Args:
-    ranks: {'fused', 'clip', 'frame'}: (M,) this process's ranks, in the order of query_index.
+    arrays: name -> (M, ...) this process's arrays (ranks, moments, ...), in the order of
+      query_index.
     query_index: (M,) split index of each of this process's queries.
 
   Returns:
-    {'fused', 'clip', 'frame'}: (M_total,) ranks of all queries in split order.
+    name -> (M_total, ...) arrays of all queries in split order, plus 'query_index' (sorted).
   """
-  gathered = allgather_rows(dict(ranks, query_index=np.asarray(query_index)))
-  order = np.argsort(gathered.pop("query_index"), kind="stable")
+  gathered = allgather_rows(dict(arrays, query_index=np.asarray(query_index)))
+  order = np.argsort(gathered["query_index"], kind="stable")
   return {k: v[order] for k, v in gathered.items()}

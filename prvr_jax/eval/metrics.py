@@ -88,3 +88,24 @@ def recall_at_k(ranks: np.ndarray | jax.Array, query_valid: np.ndarray | None = 
   out = {f"R@{k}": 100.0 * float(np.sum((ranks <= k) & valid)) / n for k in ks}
   out["SumR"] = float(sum(out[f"R@{k}"] for k in ks))
   return out
+
+
+def rank_statistics(ranks: np.ndarray | jax.Array, query_valid: np.ndarray | None = None) -> dict[str, float]:
+  """Median and mean rank of the ground truth (1 = top) over valid queries.
+
+  The ranks are the counts R@k is read from (1 + videos scored strictly above the ground truth),
+  so the three agree: R@k = the fraction of queries with rank <= k.
+
+  Args:
+    ranks: (Q,) 1-based ranks.
+    query_valid: (Q,) bool or None (all valid).
+
+  Returns:
+    {'MedR': median rank, 'MnR': mean rank} (floats; a median of an even count can be x.5).
+  """
+  ranks = np.asarray(ranks)
+  valid = np.ones(ranks.shape, bool) if query_valid is None else np.asarray(query_valid, bool)
+  if not valid.any():
+    raise ValueError("rank_statistics needs at least one valid query")
+  kept = ranks[valid].astype(np.float64)
+  return {"MedR": float(np.median(kept)), "MnR": float(np.mean(kept))}

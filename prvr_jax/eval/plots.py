@@ -180,3 +180,82 @@ def plot_diagnostics(diag: Mapping[str, Any], out_png: str | os.PathLike) -> str
   if "split" in diag:
     fig.suptitle(f"semantic-collapse diagnostics ({diag['split']})")
   return _save(fig, out_png)
+
+
+def rank_bins(top: int) -> np.ndarray:
+  """Edges 1, 2, 3, 5, 9, 17, ... of the rank bins 1, 2, 3-4, 5-8, 9-16, ..., the last one
+  ending past `top`. (top,) -> (B + 1,) int64."""
+  edges = [1, 2]
+  while edges[-1] <= top:
+    edges.append(2 * edges[-1] - 1)
+  return np.asarray(edges, np.int64)
+
+
+def plot_rank_histogram(ranks: Mapping[str, np.ndarray], out_png: str | os.PathLike,
+                        num_videos: Optional[int] = None, title: str = "") -> str:
+  """Share of queries whose ground-truth video ranks 1, 2, 3-4, 5-8, 9-16, ... for the fused,
+  clip and frame scores (grouped bars), with each score's MedR and MnR in the legend.
+
+  Args:
+    ranks: {'fused', 'clip', 'frame'}: (M,) 1-based ranks.
+    out_png: where to write.
+    num_videos: corpus size (the bins reach it; default the largest rank).
+    title: suffix of the title (e.g. the split).
+
+  Returns:
+    The path written.
+  """
+  kinds = [k for k in SCORE_KINDS if k in ranks]
+  top = max([int(num_videos or 1)] + [int(np.max(ranks[k])) for k in kinds])
+  edges = rank_bins(top)
+  names = [str(a) if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
+  fig = Figure(figsize=(max(6.5, 0.55 * len(names) + 2), 4.5), layout="constrained")
+  ax = fig.subplots()
+  x = np.arange(len(names))
+  width = 0.8 / max(len(kinds), 1)
+  for i, kind in enumerate(kinds):
+    r = np.asarray(ranks[kind])
+    share = 100.0 * np.histogram(r, bins=edges)[0] / max(r.size, 1)
+    ax.bar(x + (i - (len(kinds) - 1) / 2) * width, share, width,
+           label=f"{kind} (MedR {np.median(r):g}, MnR {np.mean(r):.1f})")
+  ax.set_xticks(x, names, rotation=45 if len(names) > 8 else 0)
+  ax.set(xlabel="rank of the ground-truth video (1 = top)", ylabel="queries (%)")
+  ax.set_title("rank histogram" + (f": {title}" if title else ""))
+  ax.grid(True, axis="y", alpha=0.3)
+  ax.legend()
+  return _save(fig, out_png)
+
+
+def plot_iou_histogram(ious: Mapping[str, np.ndarray], out_png: str | os.PathLike,
+                       title: str = "", thresholds: Sequence[float] = (0.3, 0.5, 0.7)) -> str:
+  """Histogram of the IoU of the returned moment with the annotated one, next to the uniform
+  baseline's (the whole video), over annotated queries.
+
+  Args:
+    ious: {'model': (M,), 'uniform': (M,)} IoUs, NaN where not annotated (`moment_metrics.moment_ious`).
+    out_png: where to write.
+    title: suffix of the title.
+    thresholds: IoU thresholds marked with vertical lines.
+
+  Returns:
+    The path written.
+  """
+  edges = np.linspace(0.0, 1.0, 21)
+  fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+  ax = fig.subplots()
+  labels = {"model": "returned moment", "uniform": "uniform: the whole video"}
+  for name, values in ious.items():
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+      continue
+    share = 100.0 * np.histogram(v, bins=edges)[0] / v.size
+    ax.stairs(share, edges, label=f"{labels.get(name, name)} (mIoU {100 * v.mean():.1f})",
+              fill=name == "model", alpha=0.5 if name == "model" else 1.0, linewidth=1.5)
+  for t in thresholds:
+    ax.axvline(t, color="grey", linestyle=":", linewidth=1.0)
+  ax.set(xlabel="temporal IoU with the annotated moment", ylabel="annotated queries (%)", xlim=(0, 1))
+  ax.set_title("moment IoU" + (f": {title}" if title else ""))
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  return _save(fig, out_png)

@@ -15,7 +15,7 @@ the order is: score descending, then index position (sorted video id) ascending.
 Moment: of the two branches, take the one whose weighted score (clip_weight * clip or
 frame_weight * frame) contributed more to the fused score ('frame' on an exact tie); the moment is
 the time span of that branch's best-matching token: a clip token's merged span, or a frame token's
-single resampled row widened to its span (see spans.py).
+single resampled row widened to its span (`spans.choose_moment`, the function evaluation scores).
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ import numpy as np
 
 from prvr_jax.data.pipeline import caption_token_features
 from prvr_jax.eval.evaluate import make_query_encoder
+from prvr_jax.search import spans
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.index_store import IndexReader
 from prvr_jax.search.model import SearchModel
 
 DEFAULT_TOP_K = 10
 DEFAULT_QUERY_BATCH = 64
-BRANCHES = ("clip", "frame")
+BRANCHES = spans.BRANCHES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,20 +158,14 @@ def make_topk_kernel(k: int, clip_weight: float, frame_weight: float) -> Callabl
     c = clip_tokens.shape[0]
     clip_sim = jnp.einsum("qd,ckd->qck", queries, clip_tokens)
     frame_sim = jnp.einsum("qd,cfd->qcf", queries, frame_tokens)
-    clip, clip_arg = jnp.max(clip_sim, axis=-1), jnp.argmax(clip_sim, axis=-1)
-    frame, frame_arg = jnp.max(frame_sim, axis=-1), jnp.argmax(frame_sim, axis=-1)
-    score = clip_weight * clip + frame_weight * frame
+    m = spans.choose_moment(clip_sim, frame_sim, chunk["clip_spans"], chunk["frame_spans"],
+                            clip_weight, frame_weight)  # (Qb, C) each
     videos = jnp.arange(c)
     valid = videos < num_valid
-    use_clip = clip_weight * clip > frame_weight * frame
-    clip_span = chunk["clip_spans"][videos[None, :], clip_arg]  # (Qb, C, 2)
-    frame_span = chunk["frame_spans"][videos[None, :], frame_arg]
-    span = jnp.where(use_clip[..., None], clip_span, frame_span).astype(jnp.float32)
-    new = dict(score=jnp.where(valid[None], score, -jnp.inf), clip=clip, frame=frame,
+    new = dict(score=jnp.where(valid[None], m.score, -jnp.inf), clip=m.clip, frame=m.frame,
                pos=jnp.broadcast_to(jnp.where(valid, first + videos, -1).astype(jnp.int32),
-                                    score.shape),
-               start=span[..., 0], end=span[..., 1],
-               branch=jnp.where(use_clip, 0, 1).astype(jnp.int32))
+                                    m.score.shape),
+               start=m.start, end=m.end, branch=m.branch)
     both = {key: jnp.concatenate([state[key], new[key]], axis=1) for key in state}
     _, top = jax.lax.top_k(both["score"], k)
     return {key: jnp.take_along_axis(value, top, axis=1) for key, value in both.items()}

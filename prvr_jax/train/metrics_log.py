@@ -22,6 +22,18 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _scalars(values: Mapping[str, Any], prefix: str) -> list[tuple[str, float]]:
+  """(tag, value) of every number of a nested report: `val/SumR`, `val/clip/MedR`,
+  `val/moment/uniform/mIoU`, ... (counts such as num_queries are left out)."""
+  out = []
+  for key, value in values.items():
+    if isinstance(value, Mapping):
+      out.extend(_scalars(value, f"{prefix}/{key}"))
+    elif isinstance(value, float):
+      out.append((f"{prefix}/{key}", value))
+  return out
+
+
 def truncate_after(path: str, step: int) -> None:
   """Drops lines of steps > `step` (a resumed run rewrites what followed its checkpoint)."""
   if not os.path.isfile(path):
@@ -64,18 +76,14 @@ class MetricsLog:
         self._writer.add_scalar(f"train/{k}", v, step)
 
   def write_eval(self, step: int, split: str, report: Mapping[str, Any]) -> None:
-    """One evaluation line: `step`, `split` and the metrics (fused at top level, clip/frame)."""
+    """One evaluation line: `step`, `split` and the metrics (fused at top level, clip / frame /
+    moment objects); every float goes to TensorBoard under its path."""
     if not self.enabled:
       return
     row = {"step": int(step), "split": split, **_plain(report)}
     self._append(row)
-    for k, v in row.items():
-      if isinstance(v, Mapping):
-        for kk, vv in v.items():
-          if isinstance(vv, (int, float)):
-            self._writer.add_scalar(f"{split}/{k}/{kk}", vv, step)
-      elif isinstance(v, float):
-        self._writer.add_scalar(f"{split}/{k}", v, step)
+    for tag, value in _scalars(_plain(report), split):
+      self._writer.add_scalar(tag, value, step)
 
   def _append(self, row: dict) -> None:
     self._file.write(json.dumps(row, sort_keys=True) + "\n")

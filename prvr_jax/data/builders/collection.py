@@ -163,7 +163,7 @@ def plan_collection(layout: formats.Layout, stores: Stores,
   for split, cap_file in layout.caption_files.items():
     iss = issues[split]
     lines = formats.read_caption_file(cap_file, iss)
-    moments[split] = (formats.read_moments_jsonl(layout.moment_files[split], layout.moment_style, iss)
+    moments[split] = (formats.read_moments(layout.moment_files[split], layout.moment_style, iss, split)
                       if split in layout.moment_files else {})
     per_split[split] = _plan_captions(layout, stores, lines, iss, video_shapes, text_shapes)
   video_dim = formats.most_common_dim(s[-1] for s in video_shapes.values() if len(s) == 2)
@@ -197,7 +197,7 @@ def iter_records(plan: CollectionPlan, stores: Stores, split: str,
       ids.append(cap.caption_id)
       texts.append(cap.text)
       tokens.append(tok)
-      m = moments.get((video.video_id, cap.text.rstrip()))
+      m = moments.get((video.video_id, cap.text.strip()))
       spans.append((m.start, m.end) if m is not None else (UNKNOWN, UNKNOWN))
       if m is not None:
         duration = max(duration, m.duration)
