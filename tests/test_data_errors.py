@@ -303,6 +303,55 @@ def test_malformed_moment_line(tmp_path, on_error):
     assert s["splits"]["val"]["captions_with_moments"] == sum(len(v.captions) for v in tree["val"])
 
 
+@pytest.mark.parametrize("start,end,reason", [(5.0, 3.0, "ends before it starts"),
+                                              (2.0, 2.0, "has no length"),
+                                              (-1.0, 3.0, "starts before 0"),
+                                              (10.0, 500.0, "ends after the video's duration")])
+def test_out_of_range_moment_is_reported_not_clipped(tmp_path, start, end, reason):
+  root = tmp_path / "root"
+  tree = h.write_clip_collection(root, "tvr", splits=(("train", 3), ("val", 2)), moments=True)
+  jsonl = root / "tvr" / "tvr_val_release.jsonl"
+  lines = jsonl.read_text().splitlines()
+  bad = json.loads(lines[1])
+  bad["ts"] = [start, end]
+  jsonl.write_text("\n".join([lines[0], json.dumps(bad)] + lines[2:]) + "\n")
+  with pytest.raises(DataError) as err:
+    h.build(tmp_path, "tvr", root)
+  msg = str(err.value)
+  assert "tvr_val_release.jsonl" in err.value.file and err.value.item == "line 2", msg
+  assert reason in msg and "val split" in msg and repr(bad["vid_name"]) in msg, msg
+  # Skipped instead: listed with its reason, and its caption keeps no moment (-1), not a clipped one.
+  s = h.build(tmp_path, "tvr", root, on_error="skip")
+  assert [(x["id"], reason in x["reason"]) for x in s["splits"]["val"]["skipped"]] == [("line 2", True)]
+  total = sum(len(v.captions) for v in tree["val"])
+  assert s["splits"]["val"]["captions_with_moments"] == total - 1
+  moments = np.concatenate([e["moments"] for e in h.read_all(s["dataset_dir"], "val")])
+  assert (moments == -1).all(axis=1).sum() == 1
+
+
+def test_activitynet_moment_beyond_its_duration(tmp_path):
+  root = tmp_path / "root"
+  tree = h.write_clip_collection(root, "activitynet", splits=(("train", 3), ("val", 2)), moments=True)
+  path = root / "activitynet" / "train.json"
+  entries = json.loads(path.read_text())
+  vid = tree["train"][1].video_id
+  entries[vid]["timestamps"][0] = [1.0, entries[vid]["duration"] + 4.0]
+  path.write_text(json.dumps(entries))
+  _expect_raise(tmp_path, root, "train.json", f"video {vid} sentence 0",
+                "ends after the video's duration", name="activitynet")
+
+
+def test_charades_moment_ending_before_it_starts(tmp_path):
+  root = tmp_path / "root"
+  tree = h.write_clip_collection(root, "charades", splits=(("train", 3), ("val", 2)), moments=True)
+  path = root / "charades" / "charades_sta_test.txt"
+  lines = path.read_text().splitlines()
+  vid = tree["val"][0].video_id
+  lines[0] = f"{vid} 9.5 4.0##{tree['val'][0].captions[0].text}"
+  path.write_text("\n".join(lines) + "\n")
+  _expect_raise(tmp_path, root, "charades_sta_test.txt", "line 1", "ends before it starts", name="charades")
+
+
 def test_on_error_value_checked(tmp_path, tvr):
   root, _ = tvr
   with pytest.raises(ValueError, match="on_error"):

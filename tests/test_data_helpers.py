@@ -76,7 +76,7 @@ def write_clip_collection(root: pathlib.Path, name: str, *, splits=(("train", 7)
   """The authors' CLIP layout of benchmark `name` under root/<collection>/, with its quirks.
 
   ActivityNet: caption video ids carry `v_`, feature keys do not. QVHighlights: slowfast_clip file
-  names. TVR / QVHighlights with moments=True: the release jsonl files.
+  names. moments=True: the annotation files (`write_moment_files`).
   """
   rng = np.random.default_rng(seed)
   anet = name == "activitynet"
@@ -86,19 +86,50 @@ def write_clip_collection(root: pathlib.Path, name: str, *, splits=(("train", 7)
   collection = {"qvhighlights": "qvhighlight"}.get(name, name)
   folder = root / collection
   if moments:
-    for split in ("train", "val"):
+    write_moment_files(folder, name, tree)
+  return tree
+
+
+def moment_of(name: str, video: Video, k: int) -> tuple[float, float, float]:
+  """(start, end, duration) that `write_moment_files` gives caption k of `video`."""
+  if name == "tvr":
+    return float(k), float(k) + 2.5, 60.0 + len(video.frames)
+  if name == "qvhighlights":
+    return 2.0 * k, 2.0 * k + 4, 150.0
+  return 1.5 * k, 1.5 * k + 3.0, 30.0 + len(video.frames)
+
+
+def write_moment_files(folder: pathlib.Path, name: str, tree: Tree) -> None:
+  """The collection's moment annotations in the original releases' formats: TVR / QVHighlights
+  jsonl, ActivityNet Captions json (train.json, val_1.json), Charades-STA txt (train, test = val)
+  with its Charades_v1_*.csv durations. Texts carry stray whitespace, as the releases do."""
+  for split in ("train", "val"):
+    videos = tree.get(split, [])
+    if name in ("tvr", "qvhighlights"):
       lines = []
-      for v in tree.get(split, []):
+      for v in videos:
         for k, c in enumerate(v.captions):
+          start, end, duration = moment_of(name, v, k)
           if name == "tvr":
             lines.append(dict(desc_id=len(lines), vid_name=v.video_id, desc=c.text + " ",
-                              duration=60.0 + len(v.frames), ts=[float(k), float(k) + 2.5]))
+                              duration=duration, ts=[start, end]))
           else:
-            lines.append(dict(qid=len(lines), vid=v.video_id, query=c.text, duration=150,
-                              relevant_windows=[[2.0 * k, 2.0 * k + 4], [100, 102]]))
+            lines.append(dict(qid=len(lines), vid=v.video_id, query=c.text, duration=duration,
+                              relevant_windows=[[start, end], [100, 102]]))
       fname = {"tvr": f"tvr_{split}_release.jsonl", "qvhighlights": f"highlight_{split}_release.jsonl"}[name]
       (folder / fname).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-  return tree
+    elif name == "activitynet":
+      entries = {v.video_id: dict(duration=moment_of(name, v, 0)[2],
+                                  timestamps=[list(moment_of(name, v, k)[:2]) for k in range(len(v.captions))],
+                                  sentences=[" " + c.text for c in v.captions]) for v in videos}
+      (folder / {"train": "train.json", "val": "val_1.json"}[split]).write_text(json.dumps(entries))
+    elif name == "charades":
+      lines = [f"{v.video_id} {moment_of(name, v, k)[0]} {moment_of(name, v, k)[1]}##{c.text}"
+               for v in videos for k, c in enumerate(v.captions)]
+      stem = {"train": "train", "val": "test"}[split]
+      (folder / f"charades_sta_{stem}.txt").write_text("\n".join(lines) + "\n")
+      rows = ["id,subject,scene,length"] + [f"{v.video_id},S1,kitchen,{moment_of(name, v, 0)[2]}" for v in videos]
+      (folder / f"Charades_v1_{stem}.csv").write_text("\n".join(rows) + "\n")
 
 
 def clip_paths(root: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:

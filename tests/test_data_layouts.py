@@ -111,6 +111,20 @@ def test_charades_with_test_split(tmp_path):
   _check_grain(summary, tree, split="test")
 
 
+@pytest.mark.parametrize("name", ["activitynet", "charades"])
+def test_activitynet_and_charades_moments_from_their_releases(tmp_path, name):
+  """ActivityNet Captions json (train.json, val_1.json; keys with the `v_` prefix, sentences with
+  a leading space) and Charades-STA txt + Charades_v1_*.csv durations."""
+  tree = h.write_clip_collection(tmp_path / "root", name, splits=(("train", 4), ("val", 3)), moments=True)
+  summary = h.build(tmp_path, name, tmp_path / "root")
+  for split in ("train", "val"):
+    assert summary["splits"][split]["captions_with_moments"] == summary["splits"][split]["captions"]
+    for e, v in zip(h.read_all(summary["dataset_dir"], split), tree[split]):
+      want = [h.moment_of(name, v, k)[:2] for k in range(len(v.captions))]
+      np.testing.assert_allclose(e["moments"], want)
+      assert e["duration"] == pytest.approx(h.moment_of(name, v, 0)[2])
+
+
 @pytest.mark.parametrize("name,feature", [("tvr", "i3d_resnet"), ("activitynet", "i3d"),
                                           ("charades", "i3d_rgb_lgi")])
 def test_mssl_bigfile_layout(tmp_path, name, feature):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from prvr_jax.eval.metrics import count_better, gt_ranks, recall_at_k
+from prvr_jax.eval.metrics import count_better, gt_ranks, rank_statistics, recall_at_k
 
 
 def test_ranks_on_hand_made_scores():
@@ -44,3 +44,11 @@ def test_recall_masks_padded_queries_and_rejects_empty():
   assert r["R@1"] == pytest.approx(100 / 3) and r["R@100"] == pytest.approx(200 / 3)
   with pytest.raises(ValueError):
     recall_at_k(np.array([1]), np.array([False]))
+
+
+def test_rank_statistics():
+  assert rank_statistics(np.array([1, 4, 2, 10])) == {"MedR": 3.0, "MnR": 4.25}
+  assert rank_statistics(np.array([1, 4, 2, 10]), np.array([True, True, True, False])) == {"MedR": 2.0,
+                                                                                          "MnR": 7 / 3}
+  with pytest.raises(ValueError):
+    rank_statistics(np.array([3]), np.array([False]))

@@ -67,3 +67,15 @@ def test_diagnostics_plot(tmp_path):
                          "within_video_cos": {"learned": 0.95, "input": 0.8},
                          "spearman_learned_vs_input": 0.4, "spearman_learned_vs_input_pooled": float("nan")}}
   _check_png(plots.plot_diagnostics(diag, tmp_path / "d.png"), tmp_path / "d.png")
+
+
+def test_rank_and_iou_histograms(tmp_path):
+  rng = np.random.default_rng(1)
+  ranks = {k: rng.integers(1, 300, 80) for k in ("fused", "clip", "frame")}
+  _check_png(plots.plot_rank_histogram(ranks, tmp_path / "ranks.png", num_videos=300, title="val"),
+             tmp_path / "ranks.png")
+  np.testing.assert_array_equal(plots.rank_bins(300), [1, 2, 3, 5, 9, 17, 33, 65, 129, 257, 513])
+  counts = np.histogram([1, 1, 2, 3, 4, 5, 300], bins=plots.rank_bins(300))[0]
+  np.testing.assert_array_equal(counts, [2, 1, 2, 1, 0, 0, 0, 0, 0, 1])  # 1 | 2 | 3-4 | 5-8 | ...
+  ious = {"model": np.r_[rng.uniform(0, 1, 50), np.nan], "uniform": np.r_[rng.uniform(0, 0.5, 50), np.nan]}
+  _check_png(plots.plot_iou_histogram(ious, tmp_path / "iou.png", title="val"), tmp_path / "iou.png")

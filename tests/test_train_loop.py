@@ -46,7 +46,15 @@ def test_outputs_of_a_run(full_run):
       assert set(scores) >= {"R@1", "R@5", "R@10", "R@100", "SumR"}
       assert 0 <= scores["R@1"] <= scores["R@5"] <= scores["R@10"] <= scores["R@100"] <= 100
       assert scores["SumR"] == pytest.approx(scores["R@1"] + scores["R@5"] + scores["R@10"] + scores["R@100"])
-  for png in ("training_curves.png", "recall_val.png", "recall_test.png", "diagnostics_val.png"):
+    assert 1 <= report["MedR"] <= report["num_videos"] and report["MnR"] >= 1
+    # Synthetic captions are annotated: the moment object and one record per query.
+    assert report["moment"]["queries"] == report["num_queries"]
+    assert 0 <= report["moment"]["R@1,IoU>=0.5"] <= report["moment"]["IoU>=0.5"] <= 100
+    lines = (full_run / f"eval_{split}_queries.jsonl").read_text().splitlines()
+    assert len(lines) == report["num_queries"] and len(json.loads(lines[0])["top_videos"]) == 10
+  assert all("MedR" in e and "moment" in e for e in evals)
+  for png in ("training_curves.png", "recall_val.png", "recall_test.png", "diagnostics_val.png",
+              "ranks_val.png", "ranks_test.png", "iou_val.png", "iou_test.png"):
     assert (full_run / png).stat().st_size > 1000, png
   assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
   config = json.loads((full_run / "config.json").read_text())

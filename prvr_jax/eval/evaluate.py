@@ -1,6 +1,6 @@
 """Corpus evaluation of text-to-video retrieval: encode in fixed-size chunks, rank by counting.
 
-`evaluate_split` runs three stages:
+`evaluate_split` runs four stages:
   1. Videos: the eval video dataset's padded batches of C videos (chunks) are encoded on the
      device (OP-ToMe, clip and frame branches, L2 normalisation) and copied to host memory as
      numpy; padded items are dropped by their validity mask.
@@ -13,7 +13,12 @@
      (queries x videos) matrix exist anywhere; ranks are counts accumulated over chunks. Pass 1 visits only the chunks holding each query
      batch's ground-truth videos and keeps their score; pass 2 counts every chunk against it.
      Both passes run one compiled kernel on the same (query batch, chunk) pairs, so a ground-truth
-     score is bit-identical in both and ties are settled exactly as on a full matrix.
+     score is bit-identical in both and ties are settled exactly as on a full matrix. Pass 2 also
+     keeps each query's running top-k videos by fused score (`lax.top_k` over the k kept and the
+     C new ones) and, from the chunk holding its ground-truth video, that video's moment
+     (`ops.moments.choose_moment` on its column of the similarities: what search returns).
+  4. Report: R@k, MedR and MnR from the ranks (`metrics`), the moment metrics where the split has
+     annotations (`moment_metrics`).
 
 Memory. Device: one chunk of video tokens (C x (K + F) x D), the query vectors (Q x D) and one
 (Qb, C, F) query-token similarity block: bounded by the chunk sizes for any corpus size. Host: the encoded
@@ -325,6 +330,16 @@ def _progress(items: Iterable[Any], progress: bool, desc: str, total: Optional[i
   return tqdm.tqdm(items, desc=desc, total=total, unit="batch", disable=not progress, leave=False)
 
 
+# (EncodedCorpus field, batch key, dtype) of the per-video bookkeeping kept from the batches.
+_VIDEO_EXTRAS = (("video_index", "video_index", np.int32), ("durations", "duration", np.float32),
+                 ("num_feature_frames", "num_feature_frames", np.int32))
+
+
+# (EncodedQueries field, batch key, dtype) of the per-query bookkeeping kept from the batches.
+_QUERY_EXTRAS = (("gt_video_index", "gt_video_index", np.int32),
+                 ("query_index", "query_index", np.int32), ("gt_moments", "gt_moment", np.float32))
+
+
 def encode_videos(params: Any, model_cfg: ModelConfig, batches: Iterable[Mapping[str, np.ndarray]], *,
                   mesh: Optional[Mesh] = None, progress: bool = False,
                   total: Optional[int] = None) -> EncodedCorpus:
@@ -384,11 +399,6 @@ def encode_videos_with(encode: Callable[[Any, jax.Array], tuple[jax.Array, ...]]
   return EncodedCorpus(**{k: np.concatenate(v) for k, v in parts.items()}, chunk_size=chunk_size)
 
 
-# (EncodedCorpus field, batch key, dtype) of the per-video bookkeeping kept from the batches.
-_VIDEO_EXTRAS = (("video_index", "video_index", np.int32), ("durations", "duration", np.float32),
-                 ("num_feature_frames", "num_feature_frames", np.int32))
-
-
 def encode_queries(params: Any, model_cfg: ModelConfig, batches: Iterable[Mapping[str, np.ndarray]], *,
                    mesh: Optional[Mesh] = None, progress: bool = False,
                    total: Optional[int] = None) -> EncodedQueries:
@@ -432,11 +442,6 @@ def encode_queries_with(encode: Callable[[Any, dict[str, jax.Array]], jax.Array]
   if not parts["vectors"] or sum(len(v) for v in parts["vectors"]) == 0:
     raise ValueError("encode_queries: no valid query in the batches")
   return EncodedQueries(**{k: np.concatenate(v) for k, v in parts.items()})
-
-
-# (EncodedQueries field, batch key, dtype) of the per-query bookkeeping kept from the batches.
-_QUERY_EXTRAS = (("gt_video_index", "gt_video_index", np.int32),
-                 ("query_index", "query_index", np.int32), ("gt_moments", "gt_moment", np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
