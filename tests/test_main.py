@@ -46,10 +46,8 @@ def test_missing_feature_root_is_one_clear_error(tmp_path):
   assert "data.root is not an existing folder" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_baseline_goes_with_eval_only(tmp_path, capsys):
-  from configs import synthetic  # pylint: disable=import-outside-toplevel
-  from prvr_jax import main  # pylint: disable=import-outside-toplevel
-
-  assert main.run(synthetic.get_config(), str(tmp_path), "train", baseline="clip") == 2
-  assert "--baseline=clip goes with --mode=eval, not --mode=train" in capsys.readouterr().err
+def test_baseline_goes_with_eval_only(tmp_path):
+  result = _run("--config=configs/synthetic.py", f"--workdir={tmp_path}", "--mode=train", "--baseline=clip")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "--baseline=clip goes with --mode=eval, not --mode=train" in result.stderr
   assert not any(tmp_path.iterdir())
