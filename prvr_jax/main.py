@@ -58,14 +58,14 @@ def run(config, workdir: str, mode: str, checkpoint: str = "best", baseline: str
 
 
 def _run_mode(config, workdir: str, mode: str, checkpoint: str, baseline: str | None) -> None:
+  if baseline and mode != "eval":
+    raise ConfigError(f"--baseline={baseline} goes with --mode=eval, not --mode={mode}")
   # pylint: disable=import-outside-toplevel
   # Imported here, not at the top: grain workers re-import __main__ and must not load JAX, and
   # nothing heavy should load before the malloc re-exec of the `__main__` block.
   from prvr_jax.data.config import DataConfig
   from prvr_jax.data.prepare import prepare
 
-  if baseline and mode != "eval":
-    raise ConfigError(f"--baseline={baseline} goes with --mode=eval, not --mode={mode}")
   if mode == "prepare":
     prepare(DataConfig.from_config_dict(config.data), workdir)
     return

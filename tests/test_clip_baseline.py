@@ -1,5 +1,5 @@
 """The CLIP zero-shot row: ranks from the features alone, equal to a brute-force computation, and
-`--mode=eval --baseline=clip` with no trained run."""
+`--mode=eval --baseline=clip` with no trained run; moments of a real layout, present or absent."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from prvr_jax.data.prepare import prepare
 from prvr_jax.errors import ConfigError
 from prvr_jax.eval import clip_baseline
 from prvr_jax.eval.config import EvalConfig
+from prvr_jax.ops import moments
 from prvr_jax.ops.video_inputs import prepare_video_inputs
 from prvr_jax.train import report as report_lib
+from tests import test_data_helpers as h
 from tests.test_evaluate import _argsort_ranks, tiny_config
 
 
@@ -85,3 +87,30 @@ def test_mode_eval_baseline_clip_needs_no_trained_run(tmp_path):
   assert not (workdir / "checkpoints").exists()
   with pytest.raises(ConfigError, match="--baseline must be one of"):
     report_lib.evaluate_baseline(_config(), str(workdir), "bm25", progress=False)
+
+
+@pytest.mark.parametrize("with_moments", [True, False])
+def test_a_tvr_split_has_a_moment_object_only_with_its_release_file(tmp_path, with_moments):
+  """The authors' TVR layout: with tvr_val_release.jsonl the moments are scored in seconds of
+  the release's durations; without it the report has no `moment` object (absent, not zero), the
+  records no annotation and no IoU plot is drawn."""
+  root = tmp_path / "root"
+  tree = h.write_clip_collection(root, "tvr", splits=(("train", 3), ("val", 4)), video_dim=16,
+                                 text_dim=16, moments=with_moments)
+  sizes = dict(eval_video_batch_size=4, eval_query_batch_size=8, num_threads=1)  # as _config's
+  ddir = h.build(tmp_path, "tvr", root, **sizes)["dataset_dir"]
+  data = DataConfig.from_config_dict(h.data_config("tvr", root, **sizes).data)
+  report, results = clip_baseline.evaluate_split(data, EvalConfig(), ddir, "val", progress=False)
+  written = report_lib.write_split_outputs(str(tmp_path), ddir, "val", "val_clip_baseline", report, results)
+  rows = [json.loads(line) for line in (tmp_path / "eval_val_clip_baseline_queries.jsonl").read_text().splitlines()]
+  assert [r["caption_id"] for r in rows] == [c.caption_id for v in tree["val"] for c in v.captions]
+  iou_png = str(tmp_path / "iou_val_clip_baseline.png")
+  if with_moments:
+    assert report["moment"]["queries"] == len(rows) and iou_png in written
+    for r, (v, k) in zip(rows, [(v, k) for v in tree["val"] for k in range(len(v.captions))]):
+      start, end, duration = h.moment_of("tvr", v, k)
+      assert r["gt_moment"] == [start, end] and 0 <= r["moment"][0] < r["moment"][1] <= duration
+      assert r["iou"] == pytest.approx(float(moments.temporal_iou(np.array(r["moment"]), np.array([start, end]))), abs=1e-3)
+  else:
+    assert "moment" not in report and iou_png not in written
+    assert all(r["gt_moment"] is None and r["iou"] is None for r in rows)

@@ -9,7 +9,7 @@ import pytest
 from prvr_jax.data.preprocess import resample_boundaries
 from prvr_jax.eval.moment_metrics import moment_ious, moment_report
 from prvr_jax.ops import moments
-from prvr_jax.search import spans as search_spans
+from prvr_jax.search import query as search_query
 
 
 def _reference_moment(clip_sim, frame_sim, clip_spans, frame_spans, cw, fw):
@@ -44,7 +44,7 @@ def test_choose_moment_equals_the_rule_per_pair_with_broadcast_spans():
                                     np.broadcast_to(frame_spans[1], (q, f, 2)), 0.4, 0.6)
   np.testing.assert_array_equal(per_query.start, m.start[:, 1])
   np.testing.assert_array_equal(per_query.branch, m.branch[:, 1])
-  assert search_spans.choose_moment is moments.choose_moment  # search uses this very function
+  assert search_query.moments.choose_moment is moments.choose_moment  # search uses this very function
 
 
 @pytest.mark.parametrize("rows", [128, 7])

@@ -16,7 +16,7 @@ DATA_NORM_EPS = 1e-5
 DEFAULT_LENGTH = 128
 
 
-def resample_boundaries(num_frames: int, length: int = DEFAULT_LENGTH) -> np.ndarray:
+def resample_boundaries(num_frames: int | np.ndarray, length: int = DEFAULT_LENGTH) -> np.ndarray:
   """Bin boundaries of `resample_to_fixed_length`.
 
   Computed in float32 exactly as the reference does (`arange / length * T` in float32, then
@@ -24,18 +24,19 @@ def resample_boundaries(num_frames: int, length: int = DEFAULT_LENGTH) -> np.nda
   differently and shift a whole frame between bins.
 
   Args:
-    num_frames: T, the number of input rows (>= 1).
+    num_frames: T, the number of input rows (>= 1), or an (N,) array of them (every video at once).
     length: number of output bins.
 
   Returns:
-    (length + 1,) int64 boundaries, each clipped to T - 1.
+    (length + 1,) int64 boundaries, each clipped to T - 1; (N, length + 1) for an array of T.
   """
-  if num_frames < 1:
-    raise ValueError(f"resample_boundaries: need at least one frame, got T={num_frames}")
+  t = np.asarray(num_frames, np.int64)
+  if t.size and t.min() < 1:
+    raise ValueError(f"resample_boundaries: need at least one frame, got T={int(t.min())}")
   if length < 1:
     raise ValueError(f"resample_boundaries: length must be >= 1, got {length}")
-  idx = np.arange(length + 1, dtype=np.float32) / np.float32(length) * np.float32(num_frames)
-  return np.minimum(np.round(idx).astype(np.int64), num_frames - 1)
+  idx = np.arange(length + 1, dtype=np.float32) / np.float32(length) * t.astype(np.float32)[..., None]
+  return np.minimum(np.round(idx).astype(np.int64), t[..., None] - 1)
 
 
 def resample_to_fixed_length(frames: np.ndarray, length: int = DEFAULT_LENGTH) -> np.ndarray:

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prvr_jax.data.preprocess import resample_boundaries
+
 # Branch codes of `Moment.branch`, in this order.
 BRANCHES: tuple[str, ...] = ("clip", "frame")
 
@@ -104,12 +106,7 @@ def row_frame_ranges(num_frames: np.ndarray, num_rows: int) -> np.ndarray:
   Returns:
     (N, R, 2) int64 [first, end) frame of each row.
   """
-  t = np.asarray(num_frames, np.int64)
-  if t.size and t.min() < 1:
-    raise ValueError(f"row_frame_ranges: every video needs at least one frame, got T={int(t.min())}")
-  # `preprocess.resample_boundaries` for all videos at once: the same float32 operations.
-  idx = np.arange(num_rows + 1, dtype=np.float32) / np.float32(num_rows) * t.astype(np.float32)[:, None]
-  idx = np.minimum(np.round(idx).astype(np.int64), t[:, None] - 1)  # (N, R + 1)
+  idx = resample_boundaries(np.asarray(num_frames, np.int64).reshape(-1), num_rows)  # (N, R + 1)
   return np.stack([idx[:, :-1], np.maximum(idx[:, 1:], idx[:, :-1] + 1)], axis=-1)
 
 

@@ -5,7 +5,6 @@
 
 Modules (one job each):
   features.py     reads the video / caption feature files that `python -m prvr_jax.extract` writes.
-  spans.py        maps token spans in the 128 resampled rows to seconds.
   model.py        the trained network a search uses (restored from a workdir) and its identity.
   index_store.py  the on-disk index: chunk files + a manifest written last; reading it back.
   index.py        builds an index: every video encoded once, in fixed-size padded chunks.

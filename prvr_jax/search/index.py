@@ -25,7 +25,7 @@ import tqdm
 
 from prvr_jax.data.preprocess import resample_to_fixed_length
 from prvr_jax.eval.evaluate import make_video_encoder
-from prvr_jax.search import spans
+from prvr_jax.ops import moments
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.features import VideoFeatureFile
 from prvr_jax.search.index_store import DTYPES, IndexWriter
@@ -95,13 +95,13 @@ def _encode_inputs(features: VideoFeatureFile, ids: list[str], chunk: int,
 def _chunk_arrays(out: tuple[Any, ...], ids: list[str], durations: np.ndarray, counts: np.ndarray,
                   num_rows: int, dtype: str) -> dict[str, np.ndarray]:
   clip, frame, clip_rows = (np.asarray(x)[:len(ids)] for x in jax.device_get(out))
-  frame_rows = spans.frame_row_spans(len(ids), frame.shape[1])
+  frame_rows = moments.frame_row_spans(len(ids), frame.shape[1])
   return dict(
       video_ids=np.asarray(ids, dtype=str), durations=durations, num_feature_frames=counts,
       clip_tokens=clip.astype(dtype), frame_tokens=frame.astype(dtype),
       clip_rows=clip_rows.astype(np.int32),
-      clip_spans=spans.rows_to_seconds(clip_rows, counts, durations, num_rows),
-      frame_spans=spans.rows_to_seconds(frame_rows, counts, durations, num_rows))
+      clip_spans=moments.rows_to_seconds(clip_rows, counts, durations, num_rows),
+      frame_spans=moments.rows_to_seconds(frame_rows, counts, durations, num_rows))
 
 
 def build_index(model: SearchModel, features: str | os.PathLike, out: str | os.PathLike, *,

@@ -11,7 +11,7 @@ Layout of INDEX/:
                         float32 or float16,
                         clip_rows (n, K, 2) int32 [start, end) in the 128 resampled rows,
                         clip_spans (n, K, 2) and frame_spans (n, F, 2) float32 [start, end) seconds
-                        (see spans.py).
+                        (see prvr_jax/ops/moments.py).
   manifest.json       build.json's settings + the list of chunks; written last.
 
 Every file is written to a temporary name and renamed (atomic), so a file is complete or absent.

@@ -15,7 +15,7 @@ the order is: score descending, then index position (sorted video id) ascending.
 Moment: of the two branches, take the one whose weighted score (clip_weight * clip or
 frame_weight * frame) contributed more to the fused score ('frame' on an exact tie); the moment is
 the time span of that branch's best-matching token: a clip token's merged span, or a frame token's
-single resampled row widened to its span (`spans.choose_moment`, the function evaluation scores).
+single resampled row widened to its span (`ops.moments.choose_moment`, the function evaluation scores).
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import numpy as np
 
 from prvr_jax.data.pipeline import caption_token_features
 from prvr_jax.eval.evaluate import make_query_encoder
-from prvr_jax.search import spans
+from prvr_jax.ops import moments
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.index_store import IndexReader
 from prvr_jax.search.model import SearchModel
 
 DEFAULT_TOP_K = 10
 DEFAULT_QUERY_BATCH = 64
-BRANCHES = spans.BRANCHES
+BRANCHES = moments.BRANCHES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,7 @@ def make_topk_kernel(k: int, clip_weight: float, frame_weight: float) -> Callabl
     c = clip_tokens.shape[0]
     clip_sim = jnp.einsum("qd,ckd->qck", queries, clip_tokens)
     frame_sim = jnp.einsum("qd,cfd->qcf", queries, frame_tokens)
-    m = spans.choose_moment(clip_sim, frame_sim, chunk["clip_spans"], chunk["frame_spans"],
+    m = moments.choose_moment(clip_sim, frame_sim, chunk["clip_spans"], chunk["frame_spans"],
                             clip_weight, frame_weight)  # (Qb, C) each
     videos = jnp.arange(c)
     valid = videos < num_valid

@@ -146,8 +146,8 @@ class _Training:
       b.update(best_val_sumr=val_sumr, best_step=self.step, evals_since_best=0)
     else:
       b["evals_since_best"] += 1
-    bar.write(f"step {self.step}: val SumR {val_sumr:.2f} (best {b['best_val_sumr']:.2f} at "
-              f"step {b['best_step']})")
+    bar.write(f"step {self.step}: val SumR {val_sumr:.2f} MedR {result['MedR']:g} MnR "
+              f"{result['MnR']:.2f} (best SumR {b['best_val_sumr']:.2f} at step {b['best_step']})")
     return val_sumr
 
   def train(self, progress: bool) -> str:
