@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
   parser.add_argument("--epochs", type=int, default=5)
   parser.add_argument("--codes", default="authors,ours")
+  parser.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a SyntheticSpec field of the data (repeatable)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
   codes = args.codes.split(",")
@@ -179,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
   if unknown:
     print(f"error: --codes: unknown {unknown}", file=sys.stderr)
     return 2
+  spec = dict(SPEC)
+  for item in args.spec:
+    key, _, value = item.partition("=")
+    spec[key] = type(getattr(synthetic.SyntheticSpec(), key))(value)
   data_root = args.out / "data"
   if not (data_root / "tvr").is_dir():
-    export_synthetic(data_root, "tvr", synthetic.SyntheticSpec(**SPEC))
+    export_synthetic(data_root, "tvr", synthetic.SyntheticSpec(**spec))
   results_file = args.out / "results.jsonl"
   results = ([json.loads(l) for l in results_file.read_text().splitlines()]
              if results_file.exists() else [])

@@ -12,8 +12,10 @@ written in their TVR layout, and records what `tests/test_trajectory.py` replays
   draws of the triplet loss (random negatives before the hard-negative epoch), and per step every
   loss part, the global gradient norm before clipping and the learning rate; the parameters after
   a few steps and at the end.
-* train-mode statistics: with dropout on (0.2), at fixed weights and a fixed batch (hard
-  negatives, so the loss is random only through dropout), the loss parts over many draws.
+* train-mode statistics: with dropout on (0.2; once everywhere, once inside the network only), at
+  fixed weights and a fixed batch (hard negatives, so the loss is random only through dropout),
+  the loss parts of every draw and the per-element mean and variance of the network's outputs
+  (scores, pooled queries, CBVA tokens).
 * initialisation statistics: per-tensor mean and std of a fresh TVR-sized model.
 
 The run: 44 train videos, batch 8 (6 steps per epoch, the last with 4 videos), 10 epochs = 60
@@ -52,6 +54,15 @@ RUN = dict(batchsize=8, n_epoch=10, lr=5e-4, lr_warmup_proportion=0.1, wd=0.01, 
 SNAPSHOT_STEPS = (30, 60)  # parameters after this many updates
 DROPOUT = 0.2
 DROPOUT_DRAWS = 400
+# Dropout settings of the train-mode statistics: (input_drop, drop) per key prefix. Input dropout
+# on the features dominates the spread of every output, so a second setting turns it off and
+# leaves only the dropouts inside the network (attention probabilities, FFN and projection
+# outputs), which would otherwise hide in its noise.
+DROPOUT_SETTINGS = {"dropout": (DROPOUT, DROPOUT), "dropout_internal": (0.0, DROPOUT)}
+# Outputs of their forward pass (positions in the list it returns) whose per-element mean and
+# variance over the dropout draws are recorded.
+DROPOUT_OUTPUTS = {"clip_scale_scores": 0, "frame_scale_scores": 3, "video_query": 5,
+                   "encoded_clip_feat": 7, "encoded_frame_feat": 8}
 LOSS_KEYS = ("clip_nce", "clip_trip", "frame_nce", "frame_trip", "vidlvlctl", "txt_rkd",
              "loss_overall", "clip_num")
 
@@ -148,22 +159,33 @@ def _train(authors, cfg: dict[str, Any], recorder: _Recorder) -> tuple[dict, dic
   return initial, _state(model), train_loader
 
 
-def _dropout_statistics(authors, cfg: dict[str, Any], weights: dict[str, np.ndarray],
-                        train_loader) -> np.ndarray:
-  """(DROPOUT_DRAWS, len(LOSS_KEYS)) loss parts in train mode with dropout, fixed weights/batch."""
-  cfg = dict(cfg, input_drop=DROPOUT, drop=DROPOUT, use_hard_negative=True)
+def _dropout_statistics(authors, cfg: dict[str, Any], weights: dict[str, np.ndarray], batch,
+                        prefix: str, input_drop: float, drop: float) -> dict[str, np.ndarray]:
+  """Train mode with dropout at fixed weights and a fixed batch: over DROPOUT_DRAWS draws, the
+  loss parts of every draw and the per-element mean and variance of the network's outputs, as
+  `{prefix}/losses`, `{prefix}/{output}/mean` and `{prefix}/{output}/var`."""
+  cfg = dict(cfg, input_drop=input_drop, drop=drop, use_hard_negative=True)
   model = authors.models.get_models(cfg)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
   model.train()
   criterion = authors.losses.get_losses(cfg)
-  batch = next(iter(train_loader))
   torch.manual_seed(SEED + 1)
   rows = []
+  sums: dict[str, np.ndarray] = {}
   with torch.no_grad():
     for _ in range(DROPOUT_DRAWS):
-      _, parts = criterion(model(batch), batch)
+      outputs = model(batch)
+      _, parts = criterion(outputs, batch)
       rows.append([float(parts[k]) for k in LOSS_KEYS])
-  return np.asarray(rows)
+      for name, index in DROPOUT_OUTPUTS.items():
+        x = outputs[index].double().numpy()
+        sums[name] = sums.get(name, 0.0) + np.stack([x, x * x])
+  out = {f"{prefix}/losses": np.asarray(rows)}
+  for name, (s1, s2) in sums.items():
+    mean = s1 / DROPOUT_DRAWS
+    out[f"{prefix}/{name}/mean"] = mean
+    out[f"{prefix}/{name}/var"] = (s2 - DROPOUT_DRAWS * mean * mean) / (DROPOUT_DRAWS - 1)
+  return out
 
 
 def _init_statistics(authors, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -223,7 +245,10 @@ def make(src: pathlib.Path, out: pathlib.Path) -> None:
     cfg = authors_code.tvr_config(authors, tmp, **RUN)
     recorder = _Recorder()
     initial, final, train_loader = _train(authors, cfg, recorder)
-    dropout_losses = _dropout_statistics(authors, cfg, final, train_loader)
+    batch = next(iter(train_loader))
+    dropout = {}
+    for prefix, (input_drop, drop) in DROPOUT_SETTINGS.items():
+      dropout.update(_dropout_statistics(authors, cfg, final, batch, prefix, input_drop, drop))
     init_stats = _init_statistics(authors, cfg)
   steps = len(recorder.lr)
   batch = RUN["batchsize"]
@@ -232,13 +257,14 @@ def make(src: pathlib.Path, out: pathlib.Path) -> None:
     order[s, :len(videos)] = videos
   arrays: dict[str, np.ndarray] = {
       "config/json": np.array(json.dumps(dict(spec=SPEC, run=RUN, snapshot_steps=SNAPSHOT_STEPS,
-                                              dropout=DROPOUT, loss_keys=LOSS_KEYS,
+                                              dropout=DROPOUT, dropout_settings=DROPOUT_SETTINGS,
+                                              loss_keys=LOSS_KEYS,
                                               torch=torch.__version__))),
       "steps/batch_videos": order,
       "steps/losses": np.array([[d[k] for k in LOSS_KEYS] for d in recorder.losses]),
       "steps/grad_norm": np.array(recorder.grad_norm),
       "steps/lr": np.array(recorder.lr),
-      "dropout/losses": dropout_losses,
+      **dropout,
       # The batch of the dropout statistics: the next one the loader drew after training.
       "dropout/batch_videos": np.asarray(recorder.batch_videos[steps], np.int64),
       "init/names": init_stats["names"], "init/stats": init_stats["stats"],
