@@ -32,14 +32,12 @@ from prvr_jax.convert import torch_msc
 from prvr_jax.data import pipeline
 from prvr_jax.data.builders.records import VideoRecord
 from prvr_jax.data.export_layout import write_authors_layout
-from prvr_jax.data.prepare import prepare
-from prvr_jax.losses.config import LossConfig
 from prvr_jax.losses.retrieval import TripletRanks
 from prvr_jax.losses.total import msc_loss
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import MSCNet, init_params
 from prvr_jax.ops.video_inputs import prepare_video_inputs
-from prvr_jax.train.loop import make_optimizer_from_config
+from prvr_jax.run import make_optimizer, resolve_run
 from prvr_jax.train.step import create_train_state, train_step_from_loss_fn
 from tests.reference import authors_code, make_trajectory
 
@@ -103,21 +101,19 @@ def _config(ref: dict[str, Any], root: pathlib.Path) -> ml_collections.ConfigDic
 
 @pytest.fixture(scope="module")
 def setup(ref, tmp_path_factory) -> dict[str, Any]:
-  """Our dataset built from the reference's files, configs and the converted initial weights."""
+  """Our run resolved from the reference's files (dataset prepared, schedule sized as a real run
+  does it) and its initial weights converted."""
   root = tmp_path_factory.mktemp("authors_layout")
   write_authors_layout(root, "tvr", {s: _records(ref, s) for s in ("train", "val")})
-  config = _config(ref, root)
-  workdir = tmp_path_factory.mktemp("work")
-  prepare(config, workdir, progress=False, print_fn=None)
-  dataset_dir = pipeline.dataset_dir_from_config(config, workdir)
-  info = pipeline.open_split(dataset_dir, "train")
+  run = resolve_run(_config(ref, root), str(tmp_path_factory.mktemp("work")))
   initial = {k[len("param/initial/"):]: v for k, v in ref.items() if k.startswith("param/initial/")}
-  model_cfg = torch_msc.infer_model_config(
-      initial, num_heads=config.model.num_heads, sft_factor=config.model.sft_factor,
-      input_dropout=config.model.input_dropout, dropout=config.model.dropout)
-  params = torch_msc.convert_state_dict(initial, init_params(model_cfg, jax.random.key(0)))
-  return dict(config=config, dataset_dir=dataset_dir, info=info, model_cfg=model_cfg,
-              loss_cfg=LossConfig.from_config_dict(config.loss), params=params)
+  inferred = torch_msc.infer_model_config(
+      initial, num_heads=run.model.num_heads, sft_factor=run.model.sft_factor,
+      input_dropout=run.model.input_dropout, dropout=run.model.dropout)
+  assert inferred == run.model, (inferred, run.model)
+  params = torch_msc.convert_state_dict(initial, init_params(run.model, jax.random.key(0)))
+  return dict(run=run, dataset_dir=run.dataset_dir, info=pipeline.open_split(run.dataset_dir, "train"),
+              model_cfg=run.model, loss_cfg=run.loss, params=params)
 
 
 def _batch(setup: dict[str, Any], videos: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
@@ -202,7 +198,9 @@ def test_trajectory_follows_the_authors_training(ref, setup):
               for i in range(len(ref["data/train/video_ids"]))]
   assert [str(v) for v in ref["data/train/video_ids"]] == [v.decode() for v in ours_ids]
 
-  optimizer, schedule = make_optimizer_from_config(setup["config"], num_steps, setup["model_cfg"])
+  # t_total as theirs: len(train_loader) (the partial batch included) x n_epoch.
+  assert setup["run"].total_steps == num_steps
+  optimizer, schedule = make_optimizer(setup["run"])
   step_fn = jax.jit(train_step_from_loss_fn(_loss_fn(setup), setup["model_cfg"], optimizer, schedule))
   state = create_train_state(setup["params"], optimizer)
   draws = _step_draws(ref)
