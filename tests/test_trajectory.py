@@ -28,7 +28,7 @@ import pytest
 from flax import traverse_util
 
 from configs import tvr
-from prvr_jax.convert import torch_msc
+from prvr_jax.convert import state_dict as converter
 from prvr_jax.data import pipeline
 from prvr_jax.data.builders.records import VideoRecord
 from prvr_jax.data.export_layout import write_authors_layout
@@ -107,11 +107,11 @@ def setup(ref, tmp_path_factory) -> dict[str, Any]:
   write_authors_layout(root, "tvr", {s: _records(ref, s) for s in ("train", "val")})
   run = resolve_run(_config(ref, root), str(tmp_path_factory.mktemp("work")))
   initial = {k[len("param/initial/"):]: v for k, v in ref.items() if k.startswith("param/initial/")}
-  inferred = torch_msc.infer_model_config(
+  inferred = converter.infer_model_config(
       initial, num_heads=run.model.num_heads, sft_factor=run.model.sft_factor,
       input_dropout=run.model.input_dropout, dropout=run.model.dropout)
   assert inferred == run.model, (inferred, run.model)
-  params = torch_msc.convert_state_dict(initial, init_params(run.model, jax.random.key(0)))
+  params = converter.convert_state_dict(initial, init_params(run.model, jax.random.key(0)))
   return dict(run=run, dataset_dir=run.dataset_dir, info=pipeline.open_split(run.dataset_dir, "train"),
               model_cfg=run.model, loss_cfg=run.loss, params=params)
 
@@ -256,7 +256,7 @@ def _check_parameters(ref: dict[str, Any], setup: dict[str, Any], step: int, par
   """
   prefix = f"param/step{step}/"
   theirs = {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
-  expected = traverse_util.flatten_dict(torch_msc.convert_state_dict(theirs, setup["params"]))
+  expected = traverse_util.flatten_dict(converter.convert_state_dict(theirs, setup["params"]))
   ours = {p: np.asarray(v, np.float64) for p, v in traverse_util.flatten_dict(params).items()}
   diff = math.sqrt(sum(float(np.sum((ours[p] - e) ** 2)) for p, e in expected.items()))
   norm = math.sqrt(sum(float(np.sum(e.astype(np.float64) ** 2)) for e in expected.values()))
@@ -287,7 +287,7 @@ def _dropout_draws(ref: dict[str, Any], setup: dict[str, Any], input_drop: float
   final_step = max(cfg["snapshot_steps"])
   weights = {k[len(f"param/step{final_step}/"):]: v for k, v in ref.items()
              if k.startswith(f"param/step{final_step}/")}
-  params = torch_msc.convert_state_dict(weights, setup["params"])
+  params = converter.convert_state_dict(weights, setup["params"])
   model = MSCNet(dataclasses.replace(setup["model_cfg"], input_dropout=input_drop, dropout=drop))
   batch = _batch(setup, ref["dropout/batch_videos"], epoch=0)
   real_q = np.flatnonzero(batch["query_valid"])
@@ -363,7 +363,7 @@ def test_initialisation_has_the_authors_distribution(ref):
   names, stats = [str(n) for n in ref["init/names"]], ref["init/stats"]
   theirs = dict(zip(names, stats))
   cfg = ModelConfig(hidden_size=384, num_heads=4, visual_input_size=768, query_input_size=768)
-  ours = torch_msc.params_to_torch_names(jax.device_get(init_params(cfg, jax.random.key(3))))
+  ours = converter.params_to_torch_names(jax.device_get(init_params(cfg, jax.random.key(3))))
   assert sorted(ours) == sorted(theirs)
   for name, value in ours.items():
     t_mean, t_std, size = theirs[name]

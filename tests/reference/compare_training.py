@@ -3,8 +3,14 @@
   MSC_PRVR_SRC=/path/to/MSC_PRVR/src python -m tests.reference.compare_training \\
       --out runs/compare [--seeds 0,1,2,3,4,5,6,7] [--epochs 5] [--codes authors,ours]
 
-The data: the synthetic benchmark (prvr_jax.data.synthetic) with 512 train / 200 val videos and
-256-d visual and text features, written in the authors' TVR layout
+On two cores, run the codes in two processes at once (one thread each) and summarise both:
+
+  ... compare_training --out runs/authors --codes authors &
+  ... compare_training --out runs/ours --codes ours; wait
+  ... compare_training --out runs/ours --codes ours --also runs/authors
+
+The data: the synthetic benchmark (prvr_jax.data.synthetic) with 512 train / 200 val videos,
+256-d visual and text features and noisier frames and captions than the default (`SPEC`), written in the authors' TVR layout
 (prvr_jax.data.export_layout), so both codes read the same files. The protocol (as the authors
 train TVR, shrunk to run on a CPU): hidden size 128, batch 32 videos with all their captions
 (16 steps per epoch), `--epochs` epochs, BertAdam lr 3e-4 with 1 % warm-up then linear decay,
@@ -25,6 +31,7 @@ printed and written to `--out/summary.json`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -42,14 +49,27 @@ from prvr_jax.data.export_layout import export_synthetic
 from tests.reference import authors_code
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Noisier frames and captions than the embedded default, on which both codes saturate (val SumR
+# ~341 of 400 by epoch 2, so every seed looks alike): here training ends near 200-250.
 SPEC = dict(num_train_videos=512, num_val_videos=200, num_test_videos=0, visual_dim=256,
-            text_dim=256)
+            text_dim=256, frame_noise=2.5, caption_noise=1.0)
 HIDDEN, BATCH, LR, DROPOUT = 128, 32, 3e-4, 0.2
 TVR_LOSS = dict(margin=0.1, nce=(0.05, 0.04), rkd=(15.0, 30.0), cbva=0.1, sim_thr=0.8, sft=0.09)
 RECALLS = ("R@1", "R@5", "R@10", "R@100", "SumR")
 # Threads per code. One each: the results do not depend on it, and on a shared machine torch's
 # OpenMP threads spin-wait for each other (many times slower than one thread).
 THREADS = int(os.environ.get("PRVR_COMPARE_THREADS", "1"))
+
+
+def _data_digest(data_root: pathlib.Path) -> str:
+  """SHA-256 over the written dataset's files (names and bytes; not the `results/` the authors'
+  code writes beside them), to tell two runs' data apart."""
+  digest = hashlib.sha256()
+  files = [p for d in ("FeatureData", "TextData") for p in (data_root / "tvr" / d).rglob("*")]
+  for path in sorted(p for p in files if p.is_file()):
+    digest.update(str(path.relative_to(data_root)).encode())
+    digest.update(path.read_bytes())
+  return digest.hexdigest()
 
 
 def _row(values: Sequence[float]) -> dict[str, float]:
@@ -174,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--codes", default="authors,ours")
   parser.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
                       help="override a SyntheticSpec field of the data (repeatable)")
+  parser.add_argument("--also", action="append", default=[], type=pathlib.Path, metavar="OUT",
+                      help="also read the finished runs of another --out directory (e.g. the "
+                           "other code, run in a second process on the same data); repeatable")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
   codes = args.codes.split(",")
@@ -205,6 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps(row) + "\n")
       print(f"{code} seed {seed}: val SumR per epoch " + " ".join(f"{e['SumR']:.1f}" for e in epochs),
             flush=True)
+  for other in args.also:
+    other_file = other / "results.jsonl"
+    if not other_file.exists():
+      print(f"error: --also {other}: no results.jsonl there", file=sys.stderr)
+      return 2
+    if _data_digest(other / "data") != _data_digest(data_root):
+      print(f"error: --also {other}: its data differ from {data_root} (other --spec?)",
+            file=sys.stderr)
+      return 2
+    results += [json.loads(l) for l in other_file.read_text().splitlines()]
+  codes = sorted({r["code"] for r in results} & {"authors", "ours"}, key=("authors", "ours").index)
   results = [r for r in results if r["seed"] in seeds and r["code"] in codes]
   summary = _summary(results, codes, args.epochs)
   (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
