@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import jax
 import jax.numpy as jnp
 import optax
@@ -61,6 +62,20 @@ def test_bert_adam_matches_reference_update():
 def test_warmup_linear_schedule_shape():
   s = optim.warmup_linear_schedule(1.0, 100, 0.1)
   np.testing.assert_allclose([s(0), s(5), s(10), s(55), s(100), s(120)], [0, 0.5, 1.0, 0.5, 0.0, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("total,warmup", [(80, 0.01), (100, 0.01), (60, 0.1), (7, 0.0), (1000, 0.3)])
+def test_warmup_linear_schedule_equals_the_reference_float64_values(total, warmup):
+  """Every step's rate is the reference's float64 value to float32 rounding, the last steps too
+  (where 1 - step / total cancels) and at the warm-up boundary (step / total == warmup)."""
+  def reference(step):  # the authors' WarmupLinearSchedule.get_lr_ in float64
+    p = step / total
+    return p / warmup if p < warmup else max((p - 1.0) / (warmup - 1.0), 0.0)
+
+  s = optim.warmup_linear_schedule(3e-4, total, warmup)
+  steps = np.arange(total + 3)
+  np.testing.assert_allclose(np.asarray(jax.vmap(s)(steps)), [3e-4 * reference(int(t)) for t in steps],
+                             rtol=3e-7, atol=0)
 
 
 def test_reference_decay_mask_follows_torch_names():

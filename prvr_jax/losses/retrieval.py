@@ -7,8 +7,22 @@ video index of each query.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
+
+
+class TripletRanks(NamedTuple):
+  """Given negative draws of one triplet loss: positions in the descending-sorted candidates.
+
+  Attributes:
+    text_to_video: (Q,) int, rank of each query's negative among the non-positive videos.
+    video_to_text: (B,) int, rank of each video's negative among the other videos' queries.
+  """
+
+  text_to_video: jax.Array
+  video_to_text: jax.Array
 
 
 def positive_mask(labels: jax.Array, num_videos: int) -> jax.Array:
@@ -86,7 +100,7 @@ def nce_loss(scores: jax.Array, labels: jax.Array, query_valid: jax.Array,
 
 
 def _sample_ranked(scores: jax.Array, candidates: jax.Array, pool: jax.Array,
-                   key: jax.Array) -> jax.Array:
+                   key: jax.Array, rank: Optional[jax.Array] = None) -> jax.Array:
   """Per row, the index of a candidate drawn uniformly from the `pool` highest-scoring ones.
 
   Mirrors the reference's "sort descending, take a random position" (stable order on ties).
@@ -96,21 +110,26 @@ def _sample_ranked(scores: jax.Array, candidates: jax.Array, pool: jax.Array,
     candidates: (N, M) bool, allowed picks.
     pool: (N,) int >= 1, how many of the best candidates to draw from (clipped to the count).
     key: PRNG key.
+    rank: optional (N,) int, the drawn positions themselves (0 = the best candidate), in place of
+      drawing them from `key`; clipped to the pool (a replay of another code's draws).
 
   Returns:
     (N,) int32 column index; arbitrary (and unused by callers) for rows without candidates.
   """
   pool = jnp.clip(pool, 1, jnp.maximum(jnp.sum(candidates, axis=1), 1))
-  # floor(u * pool) is uniform on 0..pool-1 (to float32 resolution, pool << 2^24) and compiles
-  # to less code than randint with per-row bounds.
-  rank = jnp.minimum((jax.random.uniform(key, pool.shape) * pool).astype(jnp.int32), pool - 1)
+  if rank is None:
+    # floor(u * pool) is uniform on 0..pool-1 (to float32 resolution, pool << 2^24) and
+    # compiles to less code than randint with per-row bounds.
+    rank = (jax.random.uniform(key, pool.shape) * pool).astype(jnp.int32)
+  rank = jnp.clip(rank.astype(jnp.int32), 0, pool - 1)
   order = jnp.argsort(jnp.where(candidates, -scores, jnp.inf), axis=1, stable=True)
   return jnp.take_along_axis(order, rank[:, None], axis=1)[:, 0].astype(jnp.int32)
 
 
 def sample_negative_videos(scores: jax.Array, labels: jax.Array, query_valid: jax.Array,
                            video_valid: jax.Array, *, hard_negatives: jax.Array,
-                           hard_pool_size: int, key: jax.Array) -> jax.Array:
+                           hard_pool_size: int, key: jax.Array,
+                           rank: Optional[jax.Array] = None) -> jax.Array:
   """text->video negative of each query: one non-positive valid video.
 
   Uniform over all of them, or over the `hard_pool_size` highest-scoring ones when
@@ -124,6 +143,7 @@ def sample_negative_videos(scores: jax.Array, labels: jax.Array, query_valid: ja
     hard_negatives: traced bool scalar.
     hard_pool_size: pool size (>= 1); a Python int in training, but may be traced.
     key: PRNG key.
+    rank: optional (Q,) given draws (see `_sample_ranked`).
 
   Returns:
     (Q,) int32 video index (meaningless for invalid queries or queries without a negative).
@@ -132,12 +152,12 @@ def sample_negative_videos(scores: jax.Array, labels: jax.Array, query_valid: ja
   neg = video_valid[None, :] & ~positive_mask(labels, scores.shape[1])
   num_neg = jnp.sum(neg, axis=1)
   pool = jnp.where(jnp.asarray(hard_negatives, bool), hard_pool_size, num_neg)
-  return _sample_ranked(scores, neg, pool, key)
+  return _sample_ranked(scores, neg, pool, key, rank)
 
 
 def sample_negative_queries(scores: jax.Array, labels: jax.Array, query_valid: jax.Array,
                             video_valid: jax.Array, *, hard_negatives: jax.Array,
-                            key: jax.Array) -> jax.Array:
+                            key: jax.Array, rank: Optional[jax.Array] = None) -> jax.Array:
   """video->text negative of each video: one valid query of another video.
 
   The hardest (highest-scoring) one when `hard_negatives`, else a uniform one, as in the reference.
@@ -149,6 +169,7 @@ def sample_negative_queries(scores: jax.Array, labels: jax.Array, query_valid: j
     video_valid: (B,) bool.
     hard_negatives: traced bool scalar.
     key: PRNG key.
+    rank: optional (B,) given draws (see `_sample_ranked`).
 
   Returns:
     (B,) int32 query index (meaningless for invalid videos or videos without a negative).
@@ -156,12 +177,12 @@ def sample_negative_queries(scores: jax.Array, labels: jax.Array, query_valid: j
   del video_valid
   neg = query_valid[None, :] & ~positive_mask(labels, scores.shape[1]).T  # (B, Q)
   pool = jnp.where(jnp.asarray(hard_negatives, bool), 1, jnp.sum(neg, axis=1))
-  return _sample_ranked(scores.T, neg, pool, key)
+  return _sample_ranked(scores.T, neg, pool, key, rank)
 
 
 def triplet_loss(scores: jax.Array, labels: jax.Array, query_valid: jax.Array, video_valid: jax.Array,
                  *, margin: float, hard_negatives: jax.Array, hard_pool_size: int,
-                 key: jax.Array) -> jax.Array:
+                 key: jax.Array, ranks: Optional[TripletRanks] = None) -> jax.Array:
   """The reference's triplet ranking loss (`get_clip_triplet_loss`), both directions.
 
   text->video: relu(margin + S[q, neg_q] - S[q, labels[q]]) summed over valid queries / #valid
@@ -178,7 +199,8 @@ def triplet_loss(scores: jax.Array, labels: jax.Array, query_valid: jax.Array, v
     margin: hinge margin.
     hard_negatives: traced bool scalar (epoch-dependent; no recompilation when it flips).
     hard_pool_size: static size of the text->video hard-negative pool.
-    key: PRNG key; the only source of randomness.
+    key: PRNG key; the only source of randomness unless `ranks` gives the draws.
+    ranks: optional given negative draws (replaying another code's random negatives).
 
   Returns:
     scalar float32 loss.
@@ -189,7 +211,7 @@ def triplet_loss(scores: jax.Array, labels: jax.Array, query_valid: jax.Array, v
 
   neg_video = sample_negative_videos(scores, labels, query_valid, video_valid,
                                      hard_negatives=hard_negatives, hard_pool_size=hard_pool_size,
-                                     key=t2v_key)
+                                     key=t2v_key, rank=None if ranks is None else ranks.text_to_video)
   has_neg_video = jnp.any(video_valid[None, :] & ~positive_mask(labels, num_v), axis=1)
   t2v_neg = jnp.take_along_axis(scores, neg_video[:, None], axis=1)[:, 0]
   t2v_pos = jnp.sum(jnp.where(pos, scores, 0.0), axis=1)
@@ -197,7 +219,8 @@ def triplet_loss(scores: jax.Array, labels: jax.Array, query_valid: jax.Array, v
   t2v_ok = query_valid & has_neg_video & jnp.any(pos, axis=1)
 
   neg_query = sample_negative_queries(scores, labels, query_valid, video_valid,
-                                      hard_negatives=hard_negatives, key=v2t_key)
+                                      hard_negatives=hard_negatives, key=v2t_key,
+                                      rank=None if ranks is None else ranks.video_to_text)
   neg_q_mask = query_valid[None, :] & ~positive_mask(labels, num_v).T  # (B, Q)
   v2t_neg = jnp.take_along_axis(scores.T, neg_query[:, None], axis=1)[:, 0]
   num_pos = jnp.sum(pos, axis=0)

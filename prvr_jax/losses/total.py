@@ -6,7 +6,7 @@ parity) and inside the sharded step's shard_map, which passes its cross-device h
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,9 @@ def _identity(x: jax.Array) -> jax.Array:
 
 def retrieval_terms(scores: dict[str, jax.Array], labels: jax.Array, q_valid: jax.Array,
                     v_valid: jax.Array, cfg: LossConfig, key: jax.Array,
-                    hard_negatives: jax.Array) -> dict[str, jax.Array]:
+                    hard_negatives: jax.Array,
+                    triplet_ranks: Optional[Mapping[str, retrieval.TripletRanks]] = None
+                    ) -> dict[str, jax.Array]:
   """NCE and triplet losses of both scales on the (Q, B) score matrices.
 
   Args:
@@ -62,6 +64,8 @@ def retrieval_terms(scores: dict[str, jax.Array], labels: jax.Array, q_valid: ja
     cfg: loss configuration.
     key: PRNG key of the random triplet negatives.
     hard_negatives: traced bool.
+    triplet_ranks: optional given negative draws of the 'clip' and 'frame' triplet losses
+      (replaying another code's random negatives); drawn from `key` when None.
 
   Returns:
     `clip_nce`, `frame_nce` (weighted), their `*_unweighted`, `clip_trip`, `frame_trip` scalars.
@@ -73,10 +77,11 @@ def retrieval_terms(scores: dict[str, jax.Array], labels: jax.Array, q_valid: ja
   parts["clip_nce"] = cfg.clip_nce_weight * parts["clip_nce_unweighted"]
   parts["frame_nce"] = cfg.frame_nce_weight * parts["frame_nce_unweighted"]
   trip = dict(margin=cfg.margin, hard_negatives=hard_negatives, hard_pool_size=cfg.hard_pool_size)
+  ranks = triplet_ranks or {}
   parts["clip_trip"] = retrieval.triplet_loss(scores["clip_scale_scores"], labels, q_valid, v_valid,
-                                              key=clip_key, **trip)
+                                              key=clip_key, ranks=ranks.get("clip"), **trip)
   parts["frame_trip"] = retrieval.triplet_loss(scores["frame_scale_scores"], labels, q_valid, v_valid,
-                                               key=frame_key, **trip)
+                                               key=frame_key, ranks=ranks.get("frame"), **trip)
   return parts
 
 
@@ -161,7 +166,8 @@ def loss_inputs(out: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[
 
 
 def msc_objective(items: dict[str, jax.Array], cfg: LossConfig, key: jax.Array,
-                  hard_negatives: jax.Array | bool, cross: CrossDevice = ONE_DEVICE
+                  hard_negatives: jax.Array | bool, cross: CrossDevice = ONE_DEVICE,
+                  triplet_ranks: Optional[Mapping[str, retrieval.TripletRanks]] = None
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The MSC objective: every term, assembled once for one device and for a split batch.
 
@@ -180,6 +186,7 @@ def msc_objective(items: dict[str, jax.Array], cfg: LossConfig, key: jax.Array,
     hard_negatives: traced bool, hardest-pool negatives when True.
     cross: the cross-device hooks (`ONE_DEVICE`, or `train.sharded_step.DATA_PARALLEL` inside a
       shard_map over the data axis).
+    triplet_ranks: optional given triplet negative draws (see `retrieval_terms`).
 
   Returns:
     (total, parts), both equal on every device: the weighted terms `clip_nce`, `clip_trip`,
@@ -193,7 +200,8 @@ def msc_objective(items: dict[str, jax.Array], cfg: LossConfig, key: jax.Array,
   scores = {k: cross.gather(v) for k, v in scores.items()}
   labels, q_valid = cross.gather(items["text_labels"]), cross.gather(items["query_valid"])
   v_valid = cross.gather(items["video_valid"])
-  parts = retrieval_terms(scores, labels, q_valid, v_valid, cfg, key, hard_negatives)
+  parts = retrieval_terms(scores, labels, q_valid, v_valid, cfg, key, hard_negatives,
+                          triplet_ranks)
   if cfg.tcpl_scope == "global":
     parts.update(tcpl_terms(cross.gather(items["video_query"]), cross.gather(items["teacher"]),
                             q_valid, cfg))
@@ -205,7 +213,11 @@ def msc_objective(items: dict[str, jax.Array], cfg: LossConfig, key: jax.Array,
 
 
 def msc_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], cfg: LossConfig,
-             key: jax.Array, hard_negatives: jax.Array | bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+             key: jax.Array, hard_negatives: jax.Array | bool,
+             triplet_ranks: Optional[Mapping[str, retrieval.TripletRanks]] = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`msc_objective` on one device from the model's outputs and the batch (see `loss_inputs`;
-  the score matrices are formed from the tokens, so outputs without them work too)."""
-  return msc_objective(loss_inputs(out, batch), cfg, key, hard_negatives)
+  the score matrices are formed from the tokens, so outputs without them work too).
+  `triplet_ranks`: optional given triplet negative draws (see `retrieval_terms`)."""
+  return msc_objective(loss_inputs(out, batch), cfg, key, hard_negatives,
+                       triplet_ranks=triplet_ranks)

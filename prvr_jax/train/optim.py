@@ -57,17 +57,24 @@ def scale_by_adam_without_bias_correction(b1: float = 0.9, b2: float = 0.999,
 
 
 def warmup_linear_schedule(peak_lr: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
-  """lr * (p / w if p < w else max((p - 1) / (w - 1), 0)), p = step / total_steps (reference)."""
+  """lr * (p / w if p < w else max((p - 1) / (w - 1), 0)), p = step / total_steps (reference).
+
+  The reference evaluates this in float64. In float32, 1 - p loses its digits as p nears 1 (the
+  last steps' rates were 4e-6 off), so the decay is computed as (total - step) / (total (1 - w))
+  (an exact integer difference), and which steps warm up is decided in float64 here, once.
+  """
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
+  warmup_fraction = max(float(warmup_fraction), 0.0)
+  # First step whose progress step / total_steps is not below the warm-up fraction (float64).
+  warmup_end = next(s for s in range(total_steps + 1) if s / total_steps >= warmup_fraction)
+  warm_rate = peak_lr / (total_steps * warmup_fraction) if warmup_end > 0 else 0.0
+  decay_rate = peak_lr / (total_steps * (1.0 - warmup_fraction))
 
   def schedule(step):
-    progress = jnp.asarray(step, jnp.float32) / total_steps
-    if warmup_fraction <= 0:
-      return peak_lr * jnp.maximum(1.0 - progress, 0.0)
-    warm = progress / warmup_fraction
-    decay = jnp.maximum((progress - 1.0) / (warmup_fraction - 1.0), 0.0)
-    return peak_lr * jnp.where(progress < warmup_fraction, warm, decay)
+    step = jnp.asarray(step, jnp.float32)
+    decay = jnp.maximum(total_steps - step, 0.0) * decay_rate
+    return jnp.where(step < warmup_end, step * warm_rate, decay)
 
   return schedule
 

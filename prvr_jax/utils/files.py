@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pathlib
+import shutil
 import tempfile
+from typing import Iterator
 
 import numpy as np
 
@@ -37,3 +40,23 @@ def atomic_savez(path: str | os.PathLike, arrays: dict) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary sibling folder that becomes `path` (by rename) only if the block succeeds.
+
+  Raises:
+    FileExistsError: `path` already exists (nothing is overwritten).
+  """
+  path = pathlib.Path(path)
+  if path.exists():
+    raise FileExistsError(f"{path}: already exists")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+  try:
+    yield tmp
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
