@@ -30,10 +30,15 @@ from prvr_jax.data.builders.records import VideoRecord
 from prvr_jax.data.formats import COLLECTIONS
 from prvr_jax.utils.files import atomic_dir
 
-_OUT = flags.DEFINE_string("out", None, "root folder to write <root>/<collection>/ into", required=True)
-_COLLECTION = flags.DEFINE_string("collection", "tvr", f"benchmark layout: one of {sorted(COLLECTIONS)}")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py",
-                                          "config whose data.synthetic spec is written")
+
+
+def _define_flags() -> None:
+  # Only when run as a command: tests import this module beside others whose absl flags have
+  # the same names (`--config`).
+  flags.DEFINE_string("out", None, "root folder to write <root>/<collection>/ into", required=True)
+  flags.DEFINE_string("collection", "tvr", f"benchmark layout: one of {sorted(COLLECTIONS)}")
+  config_flags.DEFINE_config_file("config", "configs/synthetic.py",
+                                  "config whose data.synthetic spec is written")
 
 
 def write_authors_layout(root: str | pathlib.Path, benchmark: str,
@@ -79,15 +84,17 @@ def export_synthetic(root: str | pathlib.Path, benchmark: str,
 
 def main(argv: list[str]) -> int:
   del argv
-  if _COLLECTION.value not in COLLECTIONS:
-    print(f"error: --collection {_COLLECTION.value!r}: expected one of {sorted(COLLECTIONS)}",
+  args = flags.FLAGS
+  if args.collection not in COLLECTIONS:
+    print(f"error: --collection {args.collection!r}: expected one of {sorted(COLLECTIONS)}",
           file=sys.stderr)
     return 2
-  spec = synthetic.SyntheticSpec.from_dict(dict(_CONFIG.value.data.synthetic))
-  folder = export_synthetic(_OUT.value, _COLLECTION.value, spec)
+  spec = synthetic.SyntheticSpec.from_dict(dict(args.config.data.synthetic))
+  folder = export_synthetic(args.out, args.collection, spec)
   print(f"wrote {folder}")
   return 0
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
