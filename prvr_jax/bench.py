@@ -39,6 +39,7 @@ from prvr_jax.models.msc import init_params, last_token_features
 from prvr_jax.ops import tome
 from prvr_jax.ops.video_inputs import prepare_video_inputs
 from prvr_jax.parallel import batch_sharding, make_data_mesh
+from prvr_jax.search.bench_serve import bench_serve
 from prvr_jax.train.optim import bert_adam, warmup_linear_schedule
 from prvr_jax.train.sharded_step import make_sharded_train_step
 from prvr_jax.train.step import create_train_state, make_train_step
@@ -282,7 +283,6 @@ def main(argv: Optional[list[str]] = None) -> int:
       if name == "eval":
         records = bench_eval(args.videos, args.queries, args.repeats)
       elif name == "serve":
-        from prvr_jax.search.bench_serve import bench_serve  # pylint: disable=import-outside-toplevel
         records = bench_serve(args.videos, args.clients, args.per_client, args.repeats,
                               args.text_tower)
       else:
