@@ -38,7 +38,7 @@ import numpy as np
 
 from prvr_jax.clip.config import ClipConfig, TextConfig, VisionConfig
 from prvr_jax.clip.model import ClipEncoders
-from prvr_jax.clip.tokenizer import ClipTokenizer
+from prvr_jax.text.tokenizer import ClipTokenizer
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import init_params
 from prvr_jax.search.api import Limits, create_app
