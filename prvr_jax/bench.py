@@ -6,6 +6,7 @@
   python -m prvr_jax.bench block           # one DyGMM block forward+backward, per layout
   python -m prvr_jax.bench data            # the grain loader at TVR shapes
   python -m prvr_jax.bench eval --videos 500 --queries 2500   # evaluation end to end
+  python -m prvr_jax.bench serve --videos 500 --clients 16 --per-client 50   # search service load
   python -m prvr_jax.bench all --batch 8,32 --repeats 5 --out bench.jsonl
 
 Every case reports `bench`, `case`, `items` (videos per call), `median_s` (seconds per call, median
@@ -38,6 +39,7 @@ from prvr_jax.models.msc import init_params, last_token_features
 from prvr_jax.ops import tome
 from prvr_jax.ops.video_inputs import prepare_video_inputs
 from prvr_jax.parallel import batch_sharding, make_data_mesh
+from prvr_jax.search.bench_serve import bench_serve
 from prvr_jax.train.optim import bert_adam, warmup_linear_schedule
 from prvr_jax.train.sharded_step import make_sharded_train_step
 from prvr_jax.train.step import create_train_state, make_train_step
@@ -254,12 +256,16 @@ BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": 
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m prvr_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "all"])
+  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "serve", "all"])
   parser.add_argument("--batch", default="8,32,128", help="comma-separated videos per batch")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (after warm-up)")
   parser.add_argument("--out", help="also append the JSON lines to this file")
   parser.add_argument("--videos", type=int, default=500, help="eval: corpus videos")
   parser.add_argument("--queries", type=int, default=2500, help="eval: queries")
+  parser.add_argument("--clients", type=int, default=16, help="serve: concurrent clients")
+  parser.add_argument("--per-client", type=int, default=50, help="serve: queries per client")
+  parser.add_argument("--text-tower", choices=("l14", "tiny"), default="l14",
+                      help="serve: CLIP text tower shape (random weights)")
   args = parser.parse_args(argv)
   try:
     batches = [int(b) for b in args.batch.split(",") if b]
@@ -267,8 +273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
   if args.repeats < 1 or not batches or min(batches) < 1:
     parser.error("--repeats and every --batch value must be positive")
-  if args.videos < 1 or args.queries < 1:
-    parser.error("--videos and --queries must be positive")
+  if min(args.videos, args.queries, args.clients, args.per_client) < 1:
+    parser.error("--videos, --queries, --clients and --per-client must be positive")
   names = sorted(BENCHES) if args.bench == "all" else [args.bench]
   machine = _machine()
   sink = open(args.out, "a", encoding="utf-8") if args.out else None
@@ -276,6 +282,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in names:
       if name == "eval":
         records = bench_eval(args.videos, args.queries, args.repeats)
+      elif name == "serve":
+        records = bench_serve(args.videos, args.clients, args.per_client, args.repeats,
+                              args.text_tower)
       else:
         records = BENCHES[name](batches, args.repeats)
       for rec in records:

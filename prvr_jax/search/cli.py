@@ -6,6 +6,8 @@
       [--queries FILE] [--top-k 10] [--batch 64] [--text-kind projected|hidden] [--workdir RUN]
   python -m prvr_jax.search query --index INDEX --text-features captions.h5 [CAPTION_ID ...]
   python -m prvr_jax.search query --index INDEX "a man holds a dog"   # model with its own CLIP tower
+  python -m prvr_jax.search serve --index INDEX --clip CLIP_DIR [--videos DIR] [--host 127.0.0.1] \\
+      [--port 8080] [--max-k 50] [--max-batch 32] [--max-wait-ms 5] [--max-query-chars 1000]
 
 `index` encodes every video of a feature file (`python -m prvr_jax.extract videos`) with a trained
 run's model; an interrupted build resumes when run again. `query` restores the model the index
@@ -15,6 +17,8 @@ the model's own CLIP text tower when it was trained with one) and prints one
 JSON line per result:
   {"query", "rank", "video_id", "score", "clip_score", "frame_score", "start", "end", "branch"}
 (start / end in seconds; see prvr_jax/search/query.py for the scores and the moment).
+`serve` keeps the model and index loaded and answers the same results over HTTP, with a web page
+(see prvr_jax/search/server.py for the routes).
 
 Exit status: 0 done, 2 bad input (one message naming the file and the item, no traceback).
 """
@@ -29,14 +33,26 @@ import sys
 from typing import Optional, Sequence
 
 from prvr_jax.errors import PrvrError
-from prvr_jax.models.caption_tower import WORKDIR_FILE as CAPTION_TOWER_FILE
 from prvr_jax.search import query as query_lib
+from prvr_jax.search import restore
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.features import read_caption_features
 from prvr_jax.search.index import build_index
 from prvr_jax.search.index_store import IndexReader
 from prvr_jax.search.model import load_search_model
+from prvr_jax.search.query import hit_line
+from prvr_jax.search.server import Limits, serve
 from prvr_jax.search.text import encode_texts, encode_texts_with_model_tower, load_text_tower
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+  """The options of `query` and `serve` that say how the index's model and CLIP are restored."""
+  p.add_argument("--text-kind", choices=("projected", "hidden"), default="projected",
+                 help="--clip token features: as the training captions were extracted")
+  p.add_argument("--workdir", default=None,
+                 help="restore the model from here instead of the workdir the index names")
+  p.add_argument("--precision", choices=("highest", "default"), default="highest",
+                 help="CLIP float32 matmul precision")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,12 +84,23 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument("--queries", help="file with one query per line (blank lines skipped)")
   q.add_argument("--top-k", type=int, default=10, help="results per query")
   q.add_argument("--batch", type=int, default=64, help="queries per device batch")
-  q.add_argument("--text-kind", choices=("projected", "hidden"), default="projected",
-                 help="--clip token features: as the training captions were extracted")
-  q.add_argument("--workdir", default=None,
-                 help="restore the model from here instead of the workdir the index names")
-  q.add_argument("--precision", choices=("highest", "default"), default="highest",
-                 help="CLIP float32 matmul precision")
+  _add_model_options(q)
+  s = sub.add_parser("serve", help="a search service and web page (until Ctrl-C)")
+  s.add_argument("--index", required=True, help="index directory")
+  s.add_argument("--clip", help="CLIP checkpoint directory (runs trained on extracted captions)")
+  s.add_argument("--videos", help="directory of the video files: the page plays them and shows "
+                                  "thumbnails (only files whose stem is an indexed id are served)")
+  s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
+                                                     "machine only)")
+  s.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+  s.add_argument("--max-k", type=int, default=50, help="most results a query may ask for")
+  s.add_argument("--max-batch", type=int, default=32,
+                 help="queries per encoder call, shared by concurrent requests (and per POST)")
+  s.add_argument("--max-wait-ms", type=float, default=5.0,
+                 help="how long a request waits for others to share its encoder call")
+  s.add_argument("--max-query-chars", type=int, default=1000, help="characters per query")
+  _add_model_options(s)
+  s.add_argument("--access-log", action="store_true", help="log every request")
   return p
 
 
@@ -120,12 +147,8 @@ def run_query(args: argparse.Namespace):
   _check_positive(args, "top_k", "batch")
   queries = _read_queries(args)
   index = IndexReader(args.index)  # checked before the (slow) model restore
-  built = index.manifest["model"]
-  workdir = args.workdir or built.get("workdir")
-  if not workdir:
-    raise SearchError(f"{index.directory}: built from parameters in memory, not a workdir; pass "
-                      "--workdir")
-  own_tower = (pathlib.Path(workdir) / CAPTION_TOWER_FILE).is_file()
+  workdir = restore.index_workdir(index, args.workdir)
+  own_tower = restore.has_own_text_tower(workdir)
   if own_tower and (args.clip or args.text_features):
     raise SearchError(f"{workdir}: the model runs its own CLIP text tower on query text; drop "
                       f"{'--clip' if args.clip else '--text-features'} and pass the queries as text")
@@ -141,10 +164,7 @@ def run_query(args: argparse.Namespace):
   elif args.text_features:
     items = read_caption_features(args.text_features, queries or None)
     names = [cid for cid, _ in items]
-  step = built.get("step")  # -1: built from parameters in memory; the hash check still applies
-  step = step if isinstance(step, int) and step >= 0 else None
-  model = load_search_model(workdir, built.get("which") or "best", step=step)
-  query_lib.check_model(index, model)
+  model = restore.restore_index_model(index, workdir)
   if own_tower:
 
     vectors, names = encode_texts_with_model_tower(model, queries, args.batch), queries
@@ -156,14 +176,29 @@ def run_query(args: argparse.Namespace):
   return query_lib.search(index, model, vectors, names, top_k=args.top_k, batch=args.batch)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+  """`serve`: returns the exit status once the server has stopped (130: Ctrl-C while loading)."""
+  _check_positive(args, "max_k", "max_batch", "max_query_chars")
+  if not 0 <= args.port <= 65535:
+    raise SearchError(f"--port must be in [0, 65535], got {args.port}")
+  if not args.max_wait_ms >= 0:
+    raise SearchError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+  limits = Limits(max_query_chars=args.max_query_chars, max_k=args.max_k,
+                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+  try:
+    serve(args.index, clip=args.clip, text_kind=args.text_kind, precision=args.precision,
+          workdir=args.workdir, videos=args.videos, host=args.host, port=args.port,
+          limits=limits, access_log=args.access_log)
+  except KeyboardInterrupt:  # before the server took over Ctrl-C: nothing was served yet
+    print("interrupted while loading; not served", file=sys.stderr)
+    return 130
+  return 0
+
+
 def _print_hits(results) -> None:
   for hits in results:
     for h in hits:
-      line = h.to_json()
-      for key in ("score", "clip_score", "frame_score"):
-        line[key] = round(line[key], 6)
-      line["start"], line["end"] = round(line["start"], 3), round(line["end"], 3)
-      print(json.dumps(line, ensure_ascii=False))
+      print(json.dumps(hit_line(h), ensure_ascii=False))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -176,6 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.command == "index":
       print(run_index(args).text())
+    elif args.command == "serve":
+      return run_serve(args)
     else:
       _print_hits(run_query(args))
   except PrvrError as e:  # bad input; the message names the file (and the item)
