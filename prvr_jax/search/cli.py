@@ -1,14 +1,22 @@
 """Search your own videos with a trained MSC model: build an index, then query it.
 
   python -m prvr_jax.search index --workdir RUN --features videos.h5 --out INDEX \\
-      [--chunk 256] [--which best|latest] [--dtype float32|float16] [--fps F] [--overwrite]
+      [--chunk 256] [--which best|latest] [--dtype float16|float32|int8] [--fps F] [--overwrite]
+      [--ann faiss|milvus|none] [--ann-factory FAISS_FACTORY] [--milvus-uri URI]
   python -m prvr_jax.search query --index INDEX --clip CLIP_DIR "a man holds a dog" \\
       [--queries FILE] [--top-k 10] [--batch 64] [--text-kind projected|hidden] [--workdir RUN]
+      [--mode auto|exact|ann] [--nprobe 32] [--candidates 100]
   python -m prvr_jax.search query --index INDEX --text-features captions.h5 [CAPTION_ID ...]
   python -m prvr_jax.search query --index INDEX "a man holds a dog"   # model with its own CLIP tower
+  python -m prvr_jax.search add --index INDEX --features more_videos.h5 [--workdir RUN] [--fps F]
+  python -m prvr_jax.search remove --index INDEX VIDEO_ID [VIDEO_ID ...]
+  python -m prvr_jax.search compact --index INDEX [--retrain]
+  python -m prvr_jax.search retrain --index INDEX [--ann-factory FAISS_FACTORY]
 
 `index` encodes every video of a feature file (`python -m prvr_jax.extract videos`) with a trained
-run's model; an interrupted build resumes when run again. `query` restores the model the index
+run's model into memory-mapped token arrays and builds the ANN index of each branch; an
+interrupted build resumes when run again. `add`, `remove`, `compact` and `retrain` change an
+index atomically (an interrupted one leaves the previous index as it was). `query` restores the model the index
 was built with (the manifest names its workdir and step), encodes the queries (raw text through
 the CLIP text tower of --clip, precomputed caption features of --text-features, or raw text through
 the model's own CLIP text tower when it was trained with one) and prints one
@@ -30,10 +38,11 @@ from typing import Optional, Sequence
 
 from prvr_jax.errors import PrvrError
 from prvr_jax.models.caption_tower import WORKDIR_FILE as CAPTION_TOWER_FILE
+from prvr_jax.search import maintain
 from prvr_jax.search import query as query_lib
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.features import read_caption_features
-from prvr_jax.search.index import build_index
+from prvr_jax.search.index import build_index, check_ann_backend
 from prvr_jax.search.index_store import IndexReader
 from prvr_jax.search.model import load_search_model
 from prvr_jax.search.text import encode_texts, encode_texts_with_model_tower, load_text_tower
@@ -49,13 +58,14 @@ def _parser() -> argparse.ArgumentParser:
   i.add_argument("--chunk", type=int, default=256, help="videos per encoding batch and chunk file")
   i.add_argument("--which", choices=("best", "latest"), default="best",
                  help="checkpoint: best val SumR (default) or latest")
-  i.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                 help="stored token precision (float16 halves the index)")
+  i.add_argument("--dtype", choices=("float16", "float32", "int8"), default="float16",
+                 help="stored token precision (int8: one scale per token, half of float16)")
   i.add_argument("--fps", type=float, default=None,
                  help="feature frame rate, for videos without 'duration'/'fps' attributes")
   i.add_argument("--overwrite", action="store_true",
                  help="rebuild when --out holds an index built with other settings")
   i.add_argument("--quiet", action="store_true", help="no progress bar")
+  _ann_arguments(i)
   q = sub.add_parser("query", help="search an index; prints JSON lines")
   q.add_argument("text", nargs="*", help="queries (raw text with --clip, caption ids with "
                                          "--text-features)")
@@ -74,7 +84,43 @@ def _parser() -> argparse.ArgumentParser:
                  help="restore the model from here instead of the workdir the index names")
   q.add_argument("--precision", choices=("highest", "default"), default="highest",
                  help="CLIP float32 matmul precision")
+  q.add_argument("--mode", choices=("auto", "exact", "ann"), default="auto",
+                 help="exact scan, or ANN candidates re-scored exactly (auto: ann from "
+                      "query.EXACT_BELOW videos on)")
+  q.add_argument("--nprobe", type=int, default=None, help="ANN: IVF cells visited per query")
+  q.add_argument("--candidates", type=int, default=None,
+                 help="ANN: videos per branch and query re-scored exactly")
+  a = sub.add_parser("add", help="append the videos of a feature file to an index")
+  a.add_argument("--index", required=True, help="index directory")
+  a.add_argument("--features", required=True, help="video features .h5 of new video ids")
+  a.add_argument("--workdir", default=None,
+                 help="restore the model from here instead of the workdir the index names")
+  a.add_argument("--fps", type=float, default=None, help="as for `index`")
+  a.add_argument("--quiet", action="store_true", help="no progress bar")
+  r = sub.add_parser("remove", help="remove videos from an index (until compact: tombstones)")
+  r.add_argument("--index", required=True, help="index directory")
+  r.add_argument("ids", nargs="+", help="video ids")
+  c = sub.add_parser("compact", help="rewrite an index without its removed videos")
+  c.add_argument("--index", required=True, help="index directory")
+  c.add_argument("--retrain", action="store_true", help="also train new ANN quantisers")
+  c.add_argument("--quiet", action="store_true", help="no progress bar")
+  t = sub.add_parser("retrain", help="train new ANN quantisers on the current tokens")
+  t.add_argument("--index", required=True, help="index directory")
+  t.add_argument("--ann-factory", default=None, help="FAISS index factory string (default: "
+                                                     "chosen for the current size)")
+  t.add_argument("--quiet", action="store_true", help="no progress bar")
   return p
+
+
+def _ann_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--ann", choices=("faiss", "milvus", "none"), default="faiss",
+                 help="candidate index: FAISS in process (default), a Milvus collection, or none "
+                      "(exact search only)")
+  p.add_argument("--ann-factory", default=None,
+                 help="FAISS index factory string (default: IVF + 4-bit PQ fast-scan sized to "
+                      "the collection, Flat when small)")
+  p.add_argument("--milvus-uri", default=None,
+                 help="with --ann milvus: a Milvus server URI or a milvus-lite .db file")
 
 
 def _read_queries(args: argparse.Namespace) -> list[str]:
@@ -109,22 +155,22 @@ def run_index(args: argparse.Namespace):
   """`index`: returns the IndexSummary."""
 
   _check_positive(args, "chunk", "fps")
+  check_ann_backend(args.ann, args.milvus_uri)
   model = load_search_model(args.workdir, args.which)
   return build_index(model, args.features, args.out, chunk=args.chunk, dtype=args.dtype,
-                     fps=args.fps, overwrite=args.overwrite, progress=not args.quiet)
+                     fps=args.fps, overwrite=args.overwrite, progress=not args.quiet,
+                     ann=args.ann, ann_factory=args.ann_factory, milvus_uri=args.milvus_uri)
 
 
 def run_query(args: argparse.Namespace):
   """`query`: returns the hits (lists per query)."""
 
-  _check_positive(args, "top_k", "batch")
+  _check_positive(args, "top_k", "batch", "nprobe", "candidates")
   queries = _read_queries(args)
   index = IndexReader(args.index)  # checked before the (slow) model restore
-  built = index.manifest["model"]
-  workdir = args.workdir or built.get("workdir")
-  if not workdir:
-    raise SearchError(f"{index.directory}: built from parameters in memory, not a workdir; pass "
-                      "--workdir")
+  if query_lib.choose_mode(index, args.mode) == "ann":
+    index.ann()  # the ANN files are checked against the token store before the restore too
+  workdir = _index_workdir(index, args.workdir)
   own_tower = (pathlib.Path(workdir) / CAPTION_TOWER_FILE).is_file()
   if own_tower and (args.clip or args.text_features):
     raise SearchError(f"{workdir}: the model runs its own CLIP text tower on query text; drop "
@@ -141,10 +187,7 @@ def run_query(args: argparse.Namespace):
   elif args.text_features:
     items = read_caption_features(args.text_features, queries or None)
     names = [cid for cid, _ in items]
-  step = built.get("step")  # -1: built from parameters in memory; the hash check still applies
-  step = step if isinstance(step, int) and step >= 0 else None
-  model = load_search_model(workdir, built.get("which") or "best", step=step)
-  query_lib.check_model(index, model)
+  model = _index_model(index, workdir)
   if own_tower:
 
     vectors, names = encode_texts_with_model_tower(model, queries, args.batch), queries
@@ -153,7 +196,44 @@ def run_query(args: argparse.Namespace):
   else:
     vectors = query_lib.encode_token_features(model, [rows for _, rows in items], args.batch,
                                               names, args.text_features)
-  return query_lib.search(index, model, vectors, names, top_k=args.top_k, batch=args.batch)
+  return query_lib.search(index, model, vectors, names, top_k=args.top_k, batch=args.batch,
+                          mode=args.mode, nprobe=args.nprobe, candidates=args.candidates)
+
+
+def _index_workdir(index, workdir: Optional[str]) -> str:
+  """--workdir, else the workdir named by the index's manifest."""
+  workdir = workdir or index.manifest["model"].get("workdir")
+  if not workdir:
+    raise SearchError(f"{index.directory}: built from parameters in memory, not a workdir; pass "
+                      "--workdir")
+  return workdir
+
+
+def _index_model(index, workdir: str):
+  """The exact checkpoint the index was built with (refused when its parameters differ)."""
+  built = index.manifest["model"]
+  step = built.get("step")  # -1: built from parameters in memory; the hash check still applies
+  step = step if isinstance(step, int) and step >= 0 else None
+  model = load_search_model(workdir, built.get("which") or "best", step=step)
+  query_lib.check_model(index, model)
+  return model
+
+
+def run_add(args: argparse.Namespace):
+  """`add`: returns the OperationSummary."""
+  _check_positive(args, "fps")
+  index = IndexReader(args.index)
+  model = _index_model(index, _index_workdir(index, args.workdir))
+  return maintain.add_videos(model, args.features, args.index, fps=args.fps, progress=not args.quiet)
+
+
+def run_maintenance(args: argparse.Namespace):
+  """`remove`, `compact`, `retrain`: returns the OperationSummary."""
+  if args.command == "remove":
+    return maintain.remove_videos(args.index, args.ids)
+  if args.command == "compact":
+    return maintain.compact(args.index, retrain=args.retrain, progress=not args.quiet)
+  return maintain.retrain(args.index, factory=args.ann_factory, progress=not args.quiet)
 
 
 def _print_hits(results) -> None:
@@ -176,8 +256,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.command == "index":
       print(run_index(args).text())
-    else:
+    elif args.command == "query":
       _print_hits(run_query(args))
+    elif args.command == "add":
+      print(run_add(args).text())
+    else:
+      print(run_maintenance(args).text())
   except PrvrError as e:  # bad input; the message names the file (and the item)
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,0 +1,328 @@
+"""Approximate candidates for the two-stage search: per branch, an ANN index over every token.
+
+Each branch (clip: K tokens per video, frame: F) has one index over the L2-normalised tokens of
+every video position, added in position order, so token id t belongs to video t // K (or // F);
+inner product = cosine. A query's best token hits become per-video maxima (the first, i.e.
+highest, hit of each video), removed videos are dropped, and the best `candidates` videos of each
+branch go to the exact re-scoring (query.py). Two backends:
+
+  faiss (default, in process): `faiss.index_factory` (default `default_factory`: an inverted file
+    over k-means cells, 4-bit fast-scan product quantisation; a flat index below FLAT_BELOW
+    tokens) saved as ann-<generation>-<branch>.faiss. A FAISS build with GPUs moves the index to
+    GPU 0 for searching when FAISS supports its type there, else it stays on the CPU.
+  milvus (milvus.py): two collections of (video position, token vector) rows in a Milvus server
+    or a milvus-lite file, searched with `group_by_field` = video: the engine returns per-video
+    maxima itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import pathlib
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import tqdm
+
+from prvr_jax.search.errors import SearchError
+from prvr_jax.search.token_store import SCALES, dequantize
+
+BRANCH_ARRAYS = {"clip": "clip_tokens", "frame": "frame_tokens"}
+# Below this many tokens a branch gets an exact flat index (training cells would not pay off).
+FLAT_BELOW = 20_000
+# Training sample: k-means wants ~40 points per cell; more only costs time.
+TRAIN_POINTS_PER_CELL = 40
+MAX_TRAIN_POINTS = 200_000
+# Query-time knobs (measured with `python -m prvr_jax.bench search`, see README).
+DEFAULT_NPROBE = 32
+DEFAULT_CANDIDATES = 100
+TOKEN_HITS_PER_CANDIDATE = 8
+ADD_BATCH_VIDEOS = 512
+
+
+def default_factory(num_tokens: int, dim: int) -> str:
+  """The FAISS index of a branch of `num_tokens` tokens of width `dim`.
+
+  An IVF over ~sqrt(num_tokens) cells (a power of two, at least 64; an HNSW graph assigns points to
+  cells when there are 4096 or more), each token coded by dim / 4 four-bit sub-quantisers (48 bytes
+  for D = 384) scanned with SIMD (fast-scan); `Flat` (exact) for small branches.
+  """
+  if num_tokens < FLAT_BELOW:
+    return "Flat"
+  cells = 1 << int(round(np.log2(max(64.0, np.sqrt(num_tokens)))))
+  quantizer = f"IVF{cells}_HNSW32" if cells >= 4096 else f"IVF{cells}"
+  m = max(2, dim // 4)
+  m -= m % 2
+  return f"{quantizer},PQ{m}x4fs"
+
+
+def _faiss():
+  try:
+    import faiss  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise SearchError("the ANN search needs FAISS: pip install faiss-cpu (see requirements.txt)"
+                      ) from None
+  return faiss
+
+
+def _fingerprint(path: pathlib.Path) -> str:
+  """sha256 of a file's size, first and last MiB: tells ANN files apart without reading them."""
+  size = path.stat().st_size
+  digest = hashlib.sha256(str(size).encode())
+  with open(path, "rb") as f:
+    digest.update(f.read(1 << 20))
+    if size > 1 << 20:
+      f.seek(max(1 << 20, size - (1 << 20)))
+      digest.update(f.read())
+  return digest.hexdigest()
+
+
+def branch_tokens(index, branch: str, positions: Optional[np.ndarray] = None,
+                  start: int = 0, batch: int = ADD_BATCH_VIDEOS) -> Iterator[np.ndarray]:
+  """(n * T, D) float32 tokens of a branch, in position order, `batch` videos at a time.
+
+  Args:
+    index: an IndexReader-like object (segments, firsts, num_rows, rows()).
+    branch: 'clip' or 'frame'.
+    positions: sorted positions to read (None: every position from `start`).
+    start: first position when `positions` is None.
+    batch: videos per yielded block.
+  """
+  name = BRANCH_ARRAYS[branch]
+  if positions is None:
+    positions = np.arange(start, index.num_rows)
+  for s in range(0, len(positions), batch):
+    rows = index.rows(positions[s:s + batch], (name,))
+    tokens = dequantize(rows[name], rows.get(SCALES[name]))
+    yield np.ascontiguousarray(tokens.reshape(-1, tokens.shape[-1]))
+
+
+def _train_sample(index, branch: str, factory: str, seed: int) -> np.ndarray:
+  """Tokens of randomly chosen videos, enough for the factory's k-means (sorted reads)."""
+  tokens_per_video = index.manifest["num_clips" if branch == "clip" else "num_frames"]
+  found = re.match(r"IVF(\d+)", factory)
+  cells = int(found.group(1)) if found else 1
+  want = min(MAX_TRAIN_POINTS, max(TRAIN_POINTS_PER_CELL * cells, 4096))
+  videos = min(index.num_rows, -(-want // tokens_per_video))
+  rng = np.random.default_rng(seed)
+  positions = np.sort(rng.choice(index.num_rows, size=videos, replace=False))
+  return np.concatenate(list(branch_tokens(index, branch, positions)))
+
+
+def _write_index(faiss, idx, path: pathlib.Path) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  faiss.write_index(idx, str(tmp))
+  fd = os.open(tmp, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+  os.replace(tmp, path)
+
+
+def _ann_file(generation: int, branch: str) -> str:
+  return f"ann-{generation:06d}-{branch}.faiss"
+
+
+def build_faiss(index, generation: int, factory: Optional[str] = None,
+                trained: Optional[dict[str, Any]] = None, start: int = 0, seed: int = 0,
+                progress: bool = True) -> dict[str, Any]:
+  """Writes the FAISS files of both branches for every position of `index`.
+
+  Args:
+    index: IndexReader-like (its token store must be complete).
+    generation: the manifest generation the files belong to (their names).
+    factory: FAISS factory string for both branches; None: `default_factory` per branch.
+    trained: the current ANN entry whose trained quantisers are kept (its files hold positions
+      [0, start)); None trains new quantisers on a sample of the tokens.
+    start: with `trained`, the first position to add (0: emptied first, every position added).
+    seed: training sample draw.
+    progress: tqdm bars.
+
+  Returns:
+    The manifest's `ann` entry.
+  """
+  faiss = _faiss()
+  d = int(index.manifest["dim"])
+  files, factories = {}, {}
+  for branch in BRANCH_ARRAYS:
+    tokens_per_video = index.manifest["num_clips" if branch == "clip" else "num_frames"]
+    if trained is not None:
+      previous = index.directory / trained["files"][branch]["file"]
+      idx = faiss.read_index(str(previous))
+      if start == 0:  # the same quantisers over a rewritten store (compact)
+        idx.reset()
+      elif idx.ntotal != start * tokens_per_video:
+        raise SearchError(f"{previous}: holds {idx.ntotal} tokens, the token store "
+                          f"{start * tokens_per_video}: the ANN file does not match the token "
+                          "store; run `search retrain`")
+      spec = trained["factories"][branch]
+    else:
+      spec = factory or default_factory(index.num_rows * tokens_per_video, d)
+      try:
+        idx = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+      except RuntimeError as e:
+        raise SearchError(f"--ann-factory {spec!r}: not a FAISS index factory string ({e})"
+                          ) from None
+      if not idx.is_trained:
+        sample = _train_sample(index, branch, spec, seed)
+        idx.train(sample)
+      start = 0
+    factories[branch] = spec
+    bar = tqdm.tqdm(total=index.num_rows - start, desc=f"ann {branch}", unit="video",
+                    disable=not progress)
+    for block in branch_tokens(index, branch, start=start):
+      idx.add(block)
+      bar.update(len(block) // tokens_per_video)
+    bar.close()
+    path = index.directory / _ann_file(generation, branch)
+    _write_index(faiss, idx, path)
+    files[branch] = dict(file=path.name, bytes=path.stat().st_size, ntotal=int(idx.ntotal),
+                         fingerprint=_fingerprint(path))
+  return dict(backend="faiss", factories=factories, files=files, trained_rows=int(
+      trained["trained_rows"] if trained is not None else index.num_rows))
+
+
+@dataclasses.dataclass
+class Candidates:
+  """Per branch, each query's best videos by their best token hit.
+
+  Attributes:
+    videos: (Q, M) int64 positions, -1 = none (best first).
+    scores: (Q, M) float32 approximate per-video maxima.
+  """
+
+  videos: np.ndarray
+  scores: np.ndarray
+
+
+def per_video_maxima(scores: np.ndarray, videos: np.ndarray, alive: np.ndarray,
+                     limit: int) -> Candidates:
+  """Token hits -> the best `limit` distinct live videos of each query.
+
+  Args:
+    scores: (Q, k) token scores, each row sorted descending (as ANN searches return them).
+    videos: (Q, k) the hits' video positions, -1 for no hit.
+    alive: (N,) bool, False for removed videos.
+    limit: M.
+
+  Returns:
+    Candidates (Q, M): the first hit of each video is its maximum.
+  """
+  q, k = videos.shape
+  order = np.argsort(videos, axis=1, kind="stable")
+  sorted_videos = np.take_along_axis(videos, order, axis=1)
+  first_sorted = np.ones((q, k), bool)
+  first_sorted[:, 1:] = sorted_videos[:, 1:] != sorted_videos[:, :-1]
+  first = np.empty_like(first_sorted)
+  np.put_along_axis(first, order, first_sorted, axis=1)
+  keep = first & (videos >= 0) & alive[np.clip(videos, 0, None)]
+  rank = np.cumsum(keep, axis=1) - 1
+  keep &= rank < limit
+  out_v = np.full((q, limit), -1, np.int64)
+  out_s = np.full((q, limit), -np.inf, np.float32)
+  rows, cols = np.nonzero(keep)
+  out_v[rows, rank[rows, cols]] = videos[rows, cols]
+  out_s[rows, rank[rows, cols]] = scores[rows, cols]
+  return Candidates(out_v, out_s)
+
+
+class FaissANN:
+  """The FAISS indexes of an index directory, checked against its token store."""
+
+  def __init__(self, index):
+    """Loads both branch files named by the manifest.
+
+    Raises:
+      SearchError: a missing file, or one that does not match the token store (size, fingerprint,
+        token count or width).
+    """
+    faiss = _faiss()
+    entry = index.manifest["ann"]
+    self.alive = index.alive
+    self.tokens_per_video = {"clip": int(index.manifest["num_clips"]),
+                             "frame": int(index.manifest["num_frames"])}
+    self.indexes = {}
+    self.on_gpu = False
+    try:
+      files = {b: entry["files"][b] for b in BRANCH_ARRAYS}
+    except (KeyError, TypeError):
+      raise SearchError(f"{index.directory / 'manifest.json'}: damaged manifest (bad ann entry)"
+                        ) from None
+    for branch, info in files.items():
+      path = index.directory / str(info["file"])
+      if not path.is_file():
+        raise SearchError(f"{path}: ANN file listed in the manifest is missing; run "
+                          "`python -m prvr_jax.search retrain`")
+      want = index.num_rows * self.tokens_per_video[branch]
+      if path.stat().st_size != info.get("bytes") or _fingerprint(path) != info.get("fingerprint"):
+        raise SearchError(f"{path}: this ANN file is not the one the manifest names (another "
+                          "index's, or changed since): it does not match the token store; run "
+                          "`python -m prvr_jax.search retrain`")
+      try:
+        idx = faiss.read_index(str(path))
+      except RuntimeError as e:
+        raise SearchError(f"{path}: unreadable ANN file ({str(e).splitlines()[0]}); run "
+                          "`python -m prvr_jax.search retrain`") from None
+      if idx.ntotal != want or idx.d != int(index.manifest["dim"]):
+        raise SearchError(f"{path}: {idx.ntotal} tokens of width {idx.d}, the token store has "
+                          f"{want} of width {index.manifest['dim']}: the ANN file does not match "
+                          "the token store; run `python -m prvr_jax.search retrain`")
+      self.indexes[branch] = self._maybe_gpu(faiss, idx)
+
+  def _maybe_gpu(self, faiss, idx):
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+      return idx
+    try:
+      self._gpu_resources = getattr(self, "_gpu_resources", None) or faiss.StandardGpuResources()
+      moved = faiss.index_cpu_to_gpu(self._gpu_resources, 0, idx)
+    except RuntimeError:  # an index type FAISS cannot run on GPUs (e.g. fast-scan codes)
+      return idx
+    self.on_gpu = True
+    return moved
+
+  def candidates(self, queries: np.ndarray, branch: str, limit: int,
+                 nprobe: int = DEFAULT_NPROBE) -> Candidates:
+    """Each query's best `limit` live videos in one branch.
+
+    Args:
+      queries: (Q, D) float32 L2-normalised.
+      branch: 'clip' or 'frame'.
+      limit: M, videos per query.
+      nprobe: IVF cells visited per query (ignored by flat indexes).
+
+    Returns:
+      Candidates (Q, M).
+    """
+    faiss = _faiss()
+    idx = self.indexes[branch]
+    k = min(int(idx.ntotal), limit * TOKEN_HITS_PER_CANDIDATE)
+    params = None
+    if hasattr(faiss.extract_index_ivf(idx) if _is_ivf(faiss, idx) else None, "nprobe"):
+      params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+    scores, labels = idx.search(np.ascontiguousarray(queries, np.float32), k, params=params)
+    videos = np.where(labels >= 0, labels // self.tokens_per_video[branch], -1)
+    return per_video_maxima(scores, videos, self.alive, limit)
+
+
+def _is_ivf(faiss, idx) -> bool:
+  try:
+    faiss.extract_index_ivf(idx)
+    return True
+  except RuntimeError:
+    return False
+
+
+def open_ann(index):
+  """The ANN searcher named by an index's manifest (FaissANN or milvus.MilvusANN)."""
+  backend = index.manifest["ann"].get("backend")
+  if backend == "faiss":
+    return FaissANN(index)
+  if backend == "milvus":
+    from prvr_jax.search.milvus import MilvusANN  # pylint: disable=import-outside-toplevel
+
+    return MilvusANN(index)
+  raise SearchError(f"{index.directory / 'manifest.json'}: unknown ANN backend {backend!r}")
