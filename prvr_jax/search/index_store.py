@@ -73,7 +73,9 @@ def _canonical(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_manifest(directory: pathlib.Path, manifest: Mapping[str, Any]) -> None:
   """Replaces INDEX/manifest.json atomically (the commit point of every operation)."""
-  manifest = dict(manifest, created=datetime.datetime.now().astimezone().isoformat())
+  rows = sum(int(s["num_videos"]) for s in manifest["segments"])
+  manifest = dict(manifest, created=datetime.datetime.now().astimezone().isoformat(),
+                  num_videos=rows - len(manifest["removed"]))  # the videos a search can find
   atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
