@@ -37,24 +37,32 @@ FLAT_BELOW = 20_000
 TRAIN_POINTS_PER_CELL = 40
 MAX_TRAIN_POINTS = 200_000
 # Query-time knobs (measured with `python -m prvr_jax.bench search`, see README).
-DEFAULT_NPROBE = 32
-DEFAULT_CANDIDATES = 100
+DEFAULT_NPROBE = 16
+DEFAULT_CANDIDATES = 50
 TOKEN_HITS_PER_CANDIDATE = 8
 ADD_BATCH_VIDEOS = 512
+# Consecutive tokens averaged into one ANN vector per branch (the exact re-score reads every token).
+# Neighbouring frame tokens are near-copies (128 rows of a few events), so pairs lose little for
+# candidates and halve the frame branch's index and its build time; clip tokens are already merged.
+DEFAULT_POOLS = {"clip": 1, "frame": 2}
+CELLS_DIVISOR = 4
+PQ_DIMS_PER_CODE = 4
 
 
 def default_factory(num_tokens: int, dim: int) -> str:
   """The FAISS index of a branch of `num_tokens` tokens of width `dim`.
 
-  An IVF over ~sqrt(num_tokens) cells (a power of two, at least 64; an HNSW graph assigns points to
-  cells when there are 4096 or more), each token coded by dim / 4 four-bit sub-quantisers (48 bytes
-  for D = 384) scanned with SIMD (fast-scan); `Flat` (exact) for small branches.
+  An IVF over ~sqrt(num_tokens) / 4 cells (a power of two, at least 64; an HNSW graph assigns
+  points to cells when there are 4096 or more), each vector coded by dim / 4 four-bit
+  sub-quantisers (48 bytes for D = 384) scanned with SIMD (fast-scan); `Flat` (exact) for small
+  branches. Few, long lists: assigning vectors to cells is most of the build time, and the SIMD
+  scan of long lists is cheap.
   """
   if num_tokens < FLAT_BELOW:
     return "Flat"
-  cells = 1 << int(round(np.log2(max(64.0, np.sqrt(num_tokens)))))
+  cells = 1 << int(round(np.log2(max(64.0, np.sqrt(num_tokens) / CELLS_DIVISOR))))
   quantizer = f"IVF{cells}_HNSW32" if cells >= 4096 else f"IVF{cells}"
-  m = max(2, dim // 4)
+  m = max(2, dim // PQ_DIMS_PER_CODE)
   m -= m % 2
   return f"{quantizer},PQ{m}x4fs"
 
@@ -81,8 +89,9 @@ def _fingerprint(path: pathlib.Path) -> str:
 
 
 def branch_tokens(index, branch: str, positions: Optional[np.ndarray] = None,
-                  start: int = 0, batch: int = ADD_BATCH_VIDEOS) -> Iterator[np.ndarray]:
-  """(n * T, D) float32 tokens of a branch, in position order, `batch` videos at a time.
+                  start: int = 0, batch: int = ADD_BATCH_VIDEOS, pool: int = 1
+                  ) -> Iterator[np.ndarray]:
+  """(n * T / pool, D) float32 ANN vectors of a branch, in position order, `batch` videos at a time.
 
   Args:
     index: an IndexReader-like object (segments, firsts, num_rows, rows()).
@@ -90,6 +99,7 @@ def branch_tokens(index, branch: str, positions: Optional[np.ndarray] = None,
     positions: sorted positions to read (None: every position from `start`).
     start: first position when `positions` is None.
     batch: videos per yielded block.
+    pool: consecutive tokens averaged (then L2-normalised) into one vector; must divide T.
   """
   name = BRANCH_ARRAYS[branch]
   if positions is None:
@@ -97,19 +107,27 @@ def branch_tokens(index, branch: str, positions: Optional[np.ndarray] = None,
   for s in range(0, len(positions), batch):
     rows = index.rows(positions[s:s + batch], (name,))
     tokens = dequantize(rows[name], rows.get(SCALES[name]))
-    yield np.ascontiguousarray(tokens.reshape(-1, tokens.shape[-1]))
+    n, t, d = tokens.shape
+    if pool > 1:
+      tokens = tokens.reshape(n, t // pool, pool, d).mean(axis=2)
+      tokens /= np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-12)
+    yield np.ascontiguousarray(tokens.reshape(-1, d), np.float32)
 
 
-def _train_sample(index, branch: str, factory: str, seed: int) -> np.ndarray:
-  """Tokens of randomly chosen videos, enough for the factory's k-means (sorted reads)."""
-  tokens_per_video = index.manifest["num_clips" if branch == "clip" else "num_frames"]
+def _tokens_per_video(index, branch: str) -> int:
+  return int(index.manifest["num_clips" if branch == "clip" else "num_frames"])
+
+
+def _train_sample(index, branch: str, factory: str, seed: int, pool: int) -> np.ndarray:
+  """ANN vectors of randomly chosen videos, enough for the factory's k-means (sorted reads)."""
+  tokens_per_video = _tokens_per_video(index, branch) // pool
   found = re.match(r"IVF(\d+)", factory)
   cells = int(found.group(1)) if found else 1
   want = min(MAX_TRAIN_POINTS, max(TRAIN_POINTS_PER_CELL * cells, 4096))
   videos = min(index.num_rows, -(-want // tokens_per_video))
   rng = np.random.default_rng(seed)
   positions = np.sort(rng.choice(index.num_rows, size=videos, replace=False))
-  return np.concatenate(list(branch_tokens(index, branch, positions)))
+  return np.concatenate(list(branch_tokens(index, branch, positions, pool=pool)))
 
 
 def _write_index(faiss, idx, path: pathlib.Path) -> None:
@@ -132,6 +150,8 @@ def build_faiss(index, generation: int, factory: Optional[str] = None,
                 progress: bool = True) -> dict[str, Any]:
   """Writes the FAISS files of both branches for every position of `index`.
 
+  Vectors: each branch's tokens, `DEFAULT_POOLS` consecutive ones averaged (kept from `trained`).
+
   Args:
     index: IndexReader-like (its token store must be complete).
     generation: the manifest generation the files belong to (their names).
@@ -148,8 +168,11 @@ def build_faiss(index, generation: int, factory: Optional[str] = None,
   faiss = _faiss()
   d = int(index.manifest["dim"])
   files, factories = {}, {}
+  pools = dict(trained["pools"]) if trained is not None else {
+      b: p if _tokens_per_video(index, b) % p == 0 else 1 for b, p in DEFAULT_POOLS.items()}
   for branch in BRANCH_ARRAYS:
-    tokens_per_video = index.manifest["num_clips" if branch == "clip" else "num_frames"]
+    pool = pools[branch]
+    tokens_per_video = _tokens_per_video(index, branch) // pool
     if trained is not None:
       previous = index.directory / trained["files"][branch]["file"]
       idx = faiss.read_index(str(previous))
@@ -168,13 +191,13 @@ def build_faiss(index, generation: int, factory: Optional[str] = None,
         raise SearchError(f"--ann-factory {spec!r}: not a FAISS index factory string ({e})"
                           ) from None
       if not idx.is_trained:
-        sample = _train_sample(index, branch, spec, seed)
+        sample = _train_sample(index, branch, spec, seed, pool)
         idx.train(sample)
       start = 0
     factories[branch] = spec
     bar = tqdm.tqdm(total=index.num_rows - start, desc=f"ann {branch}", unit="video",
                     disable=not progress)
-    for block in branch_tokens(index, branch, start=start):
+    for block in branch_tokens(index, branch, start=start, pool=pool):
       idx.add(block)
       bar.update(len(block) // tokens_per_video)
     bar.close()
@@ -182,7 +205,7 @@ def build_faiss(index, generation: int, factory: Optional[str] = None,
     _write_index(faiss, idx, path)
     files[branch] = dict(file=path.name, bytes=path.stat().st_size, ntotal=int(idx.ntotal),
                          fingerprint=_fingerprint(path))
-  return dict(backend="faiss", factories=factories, files=files, trained_rows=int(
+  return dict(backend="faiss", factories=factories, files=files, pools=pools, trained_rows=int(
       trained["trained_rows"] if trained is not None else index.num_rows))
 
 
@@ -243,8 +266,12 @@ class FaissANN:
     faiss = _faiss()
     entry = index.manifest["ann"]
     self.alive = index.alive
-    self.tokens_per_video = {"clip": int(index.manifest["num_clips"]),
-                             "frame": int(index.manifest["num_frames"])}
+    try:
+      pools = {b: int(entry["pools"][b]) for b in BRANCH_ARRAYS}
+    except (KeyError, TypeError, ValueError):
+      raise SearchError(f"{index.directory / 'manifest.json'}: damaged manifest (bad ann entry)"
+                        ) from None
+    self.tokens_per_video = {b: _tokens_per_video(index, b) // pools[b] for b in BRANCH_ARRAYS}
     self.indexes = {}
     self.on_gpu = False
     try:

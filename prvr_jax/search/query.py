@@ -48,7 +48,7 @@ BRANCHES = ("clip", "frame")
 MODES = ("auto", "exact", "ann")
 # `auto` searches exactly below this many videos (where one exact query is about as fast as the
 # two stages: measured with `python -m prvr_jax.bench search`, see README).
-EXACT_BELOW = 5000
+EXACT_BELOW = 1000
 # Queries whose candidates are re-scored together (one token read and one kernel call per group).
 RERANK_GROUP = 8
 SCORED_ARRAYS = ("clip_tokens", "frame_tokens", "clip_spans", "frame_spans", "valid")
@@ -279,8 +279,8 @@ def _exact_top_k(index: IndexReader, queries: np.ndarray, merge: Callable[..., d
 
 
 def _bucket(n: int) -> int:
-  """Padded candidate count: a power of two >= n (at least 64), so few shapes are compiled."""
-  return max(64, 1 << int(np.ceil(np.log2(max(n, 1)))))
+  """Padded candidate count: a power of two >= n, so one shape is compiled per group and limit."""
+  return 1 << int(np.ceil(np.log2(max(n, 1))))
 
 
 def _ann_top_k(index: IndexReader, queries: np.ndarray, merge: Callable[..., dict], top_k: int,
@@ -296,16 +296,17 @@ def _ann_top_k(index: IndexReader, queries: np.ndarray, merge: Callable[..., dic
   found = [searcher.candidates(queries, branch, limit, nprobe).videos for branch in BRANCHES]
   videos = np.concatenate(found, axis=1)  # (Q, 2M), -1 = none
   num, out = queries.shape[0], []
-  for s in range(0, num, RERANK_GROUP):
-    group = np.zeros((RERANK_GROUP, queries.shape[1]), np.float32)
-    group[:min(RERANK_GROUP, num - s)] = queries[s:s + RERANK_GROUP]
-    union = np.unique(videos[s:s + RERANK_GROUP])
+  g = min(RERANK_GROUP, _bucket(num))  # a single query is scored alone
+  size = _bucket(g * videos.shape[1])  # the largest union: one compiled shape
+  for s in range(0, num, g):
+    group = np.zeros((g, queries.shape[1]), np.float32)
+    group[:min(g, num - s)] = queries[s:s + g]
+    union = np.unique(videos[s:s + g])
     union = union[union >= 0]
     arrays = index.rows(union, SCORED_ARRAYS[:-1])
-    size = _bucket(len(union))
     chunk = _pad_chunk(arrays, size)
     chunk["valid"] = np.arange(size) < len(union)
-    state = merge(initial_state(RERANK_GROUP, top_k), jnp.asarray(group), jax.device_put(chunk),
+    state = merge(initial_state(g, top_k), jnp.asarray(group), jax.device_put(chunk),
                   jnp.int32(0), jnp.int32(len(union)))
     host = {key: np.asarray(value) for key, value in state.items()}
     pos = host["pos"]
