@@ -272,6 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--workdir", default=None, help="search: where temporary indexes go")
   parser.add_argument("--cache", default=None,
                       help="search: keep the encoded base videos here between runs")
+  parser.add_argument("--base-videos", type=int, default=2000,
+                      help="search: synthetic-benchmark videos encoded, then perturbed")
   args = parser.parse_args(argv)
   try:
     batches = [int(b) for b in args.batch.split(",") if b]
@@ -301,7 +303,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         knobs = [(p or ann_lib.DEFAULT_NPROBE, c or ann_lib.DEFAULT_CANDIDATES)
                  for p in nprobes for c in candidates]
         records = bench_search(sizes, args.repeats, dtype=args.dtype, knobs=knobs,
-                               workdir=args.workdir, cache=args.cache)
+                               workdir=args.workdir, cache=args.cache,
+                               base_videos=args.base_videos)
       else:
         records = BENCHES[name](batches, args.repeats)
       for rec in records:

@@ -463,6 +463,17 @@ def test_end_to_end_from_raw_videos(checkpoint, tmp_path, capsys):
     assert 0 <= line["start"] < line["end"] <= durations[line["video_id"]] + 1e-3
   for a, b in zip(lines[::2], lines[1::2]):
     assert a["score"] >= b["score"] and a["video_id"] != b["video_id"]
+  # The index grows from the command line; adding ids already there is one error line.
+  assert cli.main(["add", "--index", str(index), "--features", str(feats), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {feats}: video 'long' is already in the index") and err.count("\n") == 1
+  more = _write_features(tmp_path / "more.h5", {"extra": np.ones((6, P))})
+  assert cli.main(["add", "--index", str(index), "--features", str(more), "--quiet"]) == 0
+  assert "1 videos added; the index now holds 4 videos (generation 1)" in capsys.readouterr().out
+  assert cli.main(["query", "--index", str(index), "--clip", str(checkpoint), "a blue video",
+                   "--top-k", "4", "--mode", "ann"]) == 0
+  ranked = [json.loads(line)["video_id"] for line in capsys.readouterr().out.splitlines()]
+  assert sorted(ranked) == ["extra", "long", "red_green", "short"]
   # A run trained on extracted caption features needs the CLIP they came from.
   assert cli.main(["query", "--index", str(index), "a blue video"]) == 2
   assert "trained on extracted caption features: pass --clip" in capsys.readouterr().err

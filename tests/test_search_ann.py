@@ -143,7 +143,8 @@ def test_grow_remove_compact_retrain(model, built, tmp_path):
   summary = maintain.retrain(out, progress=False)
   index = IndexReader(out)
   assert index.manifest["ann"]["factories"] == {  # the defaults for this size
-      "clip": "Flat", "frame": ann_lib.default_factory(index.num_rows * 128, 32)}
+      "clip": "Flat",
+      "frame": ann_lib.default_factory(index.num_rows * 128 // ann_lib.DEFAULT_POOLS["frame"], 32)}
   assert np.mean([a == e for a, e in zip(_top(index, queries, "ann"), before)]) >= 0.9
   # Only the current and the previous generation's files are kept.
   names = {p.name for p in out.iterdir()}

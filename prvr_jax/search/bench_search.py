@@ -76,7 +76,7 @@ def base_index(directory: pathlib.Path, num_videos: int, model_cfg: ModelConfig,
   model = from_params(model_cfg, random_params(model_cfg))
   out = directory / f"base_{num_videos}_{ann}"
   build_index(model, feats, out, chunk=100, dtype="float32", progress=False, ann=ann)
-  feats.unlink()
+  feats.unlink(missing_ok=True)
   return out
 
 
