@@ -271,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="search: comma-separated videos per branch re-scored")
   parser.add_argument("--workdir", default=None, help="search: where temporary indexes go")
   parser.add_argument("--cache", default=None,
-                      help="search: keep the encoded base videos here between runs")
+                      help="search: keep the encoded base videos and the collection indexes here "
+                           "between runs")
   parser.add_argument("--base-videos", type=int, default=2000,
                       help="search: synthetic-benchmark videos encoded, then perturbed")
   args = parser.parse_args(argv)

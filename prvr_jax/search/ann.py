@@ -17,6 +17,7 @@ branch go to the exact re-scoring (query.py). Two backends:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -42,6 +43,9 @@ DEFAULT_NPROBE = 16
 DEFAULT_CANDIDATES = 50
 TOKEN_HITS_PER_CANDIDATE = 8
 ADD_BATCH_VIDEOS = 512
+# A search of fewer queries runs on one thread: splitting one query's few ms of work across OpenMP
+# threads cost more than it saved (2,000 videos, load 10: ANN stage 53 ms on 2 threads, 23 on 1).
+PARALLEL_FROM_QUERIES = 8
 # Consecutive tokens averaged into one ANN vector per branch (the exact re-score reads every token).
 # Neighbouring frame tokens are near-copies (128 rows of a few events), so pairs lose little for
 # candidates and halve the frame branch's index and its build time; clip tokens are already merged.
@@ -69,6 +73,12 @@ def default_factory(num_tokens: int, dim: int) -> str:
 
 
 def _faiss():
+  # FAISS runs on OpenMP, whose idle threads spin by default: on a machine shared with JAX's own
+  # threads or other processes the spinning threads take the cores the working ones need (k-means
+  # training at 2,000 videos, load 10 on 2 cores: 13.5 s spinning, 3.0 s passive, 2.5 s on one
+  # thread). Only effective before OpenMP starts, i.e. before FAISS is first imported; a value the
+  # user set is kept.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   try:
     import faiss  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -331,9 +341,24 @@ class FaissANN:
     params = None
     if hasattr(faiss.extract_index_ivf(idx) if _is_ivf(faiss, idx) else None, "nprobe"):
       params = faiss.SearchParametersIVF(nprobe=int(nprobe))
-    scores, labels = idx.search(np.ascontiguousarray(queries, np.float32), k, params=params)
+    with _omp_threads(faiss, 1 if len(queries) < PARALLEL_FROM_QUERIES else None):
+      scores, labels = idx.search(np.ascontiguousarray(queries, np.float32), k, params=params)
     videos = np.where(labels >= 0, labels // self.tokens_per_video[branch], -1)
     return per_video_maxima(scores, videos, self.alive, limit)
+
+
+@contextlib.contextmanager
+def _omp_threads(faiss, threads: Optional[int]) -> Iterator[None]:
+  """FAISS's OpenMP thread count set to `threads` (None: unchanged) for the block."""
+  if threads is None:
+    yield
+    return
+  before = faiss.omp_get_max_threads()
+  faiss.omp_set_num_threads(threads)
+  try:
+    yield
+  finally:
+    faiss.omp_set_num_threads(before)
 
 
 def _is_ivf(faiss, idx) -> bool:

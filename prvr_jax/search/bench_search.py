@@ -26,6 +26,8 @@ default ANN) and 2,500 queries: the fraction of queries whose ANN top-10 equals 
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import shutil
 import statistics
@@ -35,6 +37,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import h5py
 import numpy as np
+import tqdm
 
 from prvr_jax.data import synthetic
 from prvr_jax.eval.bench_eval import random_params
@@ -72,14 +75,17 @@ def base_index(directory: pathlib.Path, num_videos: int, model_cfg: ModelConfig,
                                  text_dim=model_cfg.query_input_size)
   world = synthetic.make_world(spec)
   feats = directory / f"base_videos_{num_videos}.h5"
-  if not (directory / f"base_{num_videos}_{ann}" / "manifest.json").exists():
-    with h5py.File(feats, "w") as f:
-      for record in synthetic.generate_split(spec, "train", world):
-        ds = f.create_dataset(record.video_id, data=record.frames)
-        ds.attrs["duration"], ds.attrs["fps"] = record.duration, spec.frames_per_second
-  model = from_params(model_cfg, random_params(model_cfg))
   out = directory / f"base_{num_videos}_{ann}"
-  build_index(model, feats, out, chunk=100, dtype="float32", progress=False, ann=ann)
+  model = from_params(model_cfg, random_params(model_cfg))
+  if (out / "manifest.json").is_file():  # a --cache directory: encoded by an earlier run
+    if IndexReader(out).manifest["model"]["params_hash"] == model.identity["params_hash"]:
+      return out
+  with h5py.File(feats, "w") as f:
+    for record in synthetic.generate_split(spec, "train", world):
+      ds = f.create_dataset(record.video_id, data=record.frames)
+      ds.attrs["duration"], ds.attrs["fps"] = record.duration, spec.frames_per_second
+  build_index(model, feats, out, chunk=100, dtype="float32", progress=False, ann=ann,
+              overwrite=True)
   feats.unlink(missing_ok=True)
   return out
 
@@ -113,9 +119,39 @@ def _perturbed(base: dict[str, np.ndarray], videos: np.ndarray, rng) -> dict[str
   return out
 
 
+def _collection_key(base: IndexReader, num_videos: int, dtype: str, seed: int) -> dict[str, Any]:
+  """What makes a cached collection the same one: the base videos, the size, dtype and draw."""
+  return dict(params_hash=base.manifest["model"]["params_hash"], base_videos=base.num_rows,
+              num_videos=num_videos, dtype=dtype, seed=seed,
+              noise=[VIDEO_OFFSET, TOKEN_NOISE], block=WRITE_BLOCK)
+
+
+def _cached(path: pathlib.Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
+  """The timings recorded next to a cached collection index made with `key`, else None."""
+  record = path.with_name(path.name + ".json")
+  if not (record.is_file() and (path / "manifest.json").is_file()):
+    return None
+  saved = json.loads(record.read_text(encoding="utf-8"))
+  return saved if saved.get("key") == key else None
+
+
+def _record(path: pathlib.Path, key: dict[str, Any], **timings: float) -> None:
+  record = path.with_name(path.name + ".json")
+  record.write_text(json.dumps(dict(key=key, **timings)) + "\n", encoding="utf-8")
+
+
 def collection_index(directory: pathlib.Path, base: IndexReader, num_videos: int, dtype: str,
                      seed: int = 0) -> tuple[pathlib.Path, float]:
-  """An index of `num_videos` perturbed videos (no ANN yet); returns (path, seconds to write)."""
+  """An index of `num_videos` perturbed videos (no ANN yet); returns (path, seconds to write).
+
+  A collection already in `directory` with the same key (`_collection_key`) is kept (a `--cache`
+  run): the seconds are the ones recorded when it was written.
+  """
+  out = directory / f"collection_{num_videos}_{dtype}"
+  key = _collection_key(base, num_videos, dtype, seed)
+  cached = _cached(out, key)
+  if cached is not None:
+    return out, float(cached["write_s"])
   names = ("clip_tokens", "frame_tokens", "clip_spans", "frame_spans", "clip_rows", "durations",
            "num_feature_frames")
   base_arrays = base.rows(np.arange(base.num_rows), names)
@@ -124,17 +160,36 @@ def collection_index(directory: pathlib.Path, base: IndexReader, num_videos: int
                   num_clips=m["num_clips"], num_frames=m["num_frames"], dim=m["dim"], id_width=10,
                   clip_weight=m["clip_weight"], frame_weight=m["frame_weight"],
                   features=dict(synthetic_perturbed=num_videos, seed=seed))
-  out = directory / f"collection_{num_videos}_{dtype}"
   shutil.rmtree(out, ignore_errors=True)
+  out.with_name(out.name + ".json").unlink(missing_ok=True)
   rng = np.random.default_rng(seed)
   start = time.perf_counter()
   writer = IndexWriter(out, settings)
-  for i, s in enumerate(range(0, num_videos, WRITE_BLOCK)):
+  blocks = range(0, num_videos, WRITE_BLOCK)
+  for i, s in enumerate(tqdm.tqdm(blocks, desc=f"collection {num_videos}", unit="block",
+                                  mininterval=30)):
     writer.write_chunk(i, _perturbed(base_arrays, np.arange(s, min(s + WRITE_BLOCK, num_videos)),
                                      rng))
   draft = writer.draft_manifest(writer.close_segment())
   writer.finish(draft)
-  return out, time.perf_counter() - start
+  write_s = time.perf_counter() - start
+  _record(out, key, write_s=write_s)
+  return out, write_s
+
+
+def with_ann(path: pathlib.Path, key: dict[str, Any]) -> tuple[IndexReader, float]:
+  """The collection index with the default FAISS ANN (built now, or kept from the cache)."""
+  index = IndexReader(path)
+  cached = _cached(path, key) or {}
+  if index.manifest.get("ann") and "ann_s" in cached:
+    return index, float(cached["ann_s"])
+  t = time.perf_counter()
+  draft = dict(index.manifest)
+  draft["ann"] = ann_lib.build_faiss(index, 0, progress=True)
+  write_manifest(path, draft)
+  ann_s = time.perf_counter() - t
+  _record(path, key, write_s=float(cached.get("write_s", 0.0)), ann_s=ann_s)
+  return IndexReader(path), ann_s
 
 
 def make_queries(index: IndexReader, num: int, seed: int) -> np.ndarray:
@@ -182,56 +237,76 @@ def _percentile(values: Sequence[float], q: float) -> float:
   return float(np.percentile(np.asarray(values), q))
 
 
-def bench_collection(directory: pathlib.Path, base: IndexReader, num_videos: int, dtype: str,
-                     repeats: int, ann_queries: int, exact_queries: int,
-                     knobs: Sequence[tuple[int, int]]) -> Iterable[dict[str, Any]]:
-  """The exact and ANN records of one collection size (ANN once per (nprobe, candidates))."""
-  path, write_s = collection_index(directory, base, num_videos, dtype)
-  index = IndexReader(path)
-  queries = make_queries(index, max(ann_queries, 64), seed=1)
-  store_bytes = index_bytes(path)
-  # Exact: the ground truth of every query in one batched scan, and single-query latencies.
+def _exact_record(index: IndexReader, queries: np.ndarray, exact_queries: int,
+                  write_s: float) -> tuple[dict[str, Any], list]:
+  """The exact scan's record and its results for every query (the ground truth)."""
+  num_videos = index.num_rows
   t = time.perf_counter()
   truth = _search(index, queries, "exact", batch=64)
   exact_batch_ms = 1e3 * (time.perf_counter() - t) * 64 / len(queries)
   _latencies(index, queries[:1], "exact")  # compiled
   exact_ms = _latencies(index, queries[:exact_queries], "exact")
-  yield dict(bench="search", case=f"exact_{num_videos}", videos=num_videos, mode="exact",
-             dtype=dtype, p50_ms=_percentile(exact_ms, 50), p99_ms=_percentile(exact_ms, 99),
-             batch64_ms=exact_batch_ms, recall_at_10=1.0, top1_moment_recall=1.0,
-             build_s=write_s, disk_bytes_per_video=store_bytes / num_videos,
-             ram_bytes_per_video=_heap_bytes(index) / num_videos, queries=len(exact_ms))
-  t = time.perf_counter()
-  draft = dict(index.manifest)
-  draft["ann"] = ann_lib.build_faiss(index, 0, progress=False)
-  write_manifest(path, draft)
-  ann_s = time.perf_counter() - t
+  record = dict(bench="search", case=f"exact_{num_videos}", videos=num_videos, mode="exact",
+                dtype=index.dtype, p50_ms=_percentile(exact_ms, 50),
+                p99_ms=_percentile(exact_ms, 99), batch64_ms=exact_batch_ms, recall_at_10=1.0,
+                top1_moment_recall=1.0, build_s=write_s,
+                disk_bytes_per_video=index_bytes(index.directory) / num_videos,
+                ram_bytes_per_video=_heap_bytes(index) / num_videos, queries=len(exact_ms),
+                load_avg=_load())
+  return record, truth
+
+
+def _ann_record(index: IndexReader, queries: np.ndarray, truth: list, repeats: int,
+                ann_queries: int, nprobe: int, candidates: int) -> dict[str, Any]:
+  """The ANN record of one (nprobe, candidates): recall against `truth`, latencies."""
+  knobs = dict(nprobe=nprobe, candidates=candidates)
+  _search(index, queries[:8], "ann", **knobs)  # compiled
+  recall, same, top1 = _recall(_search(index, queries, "ann", **knobs), truth)
+  runs = [_latencies(index, queries[:ann_queries], "ann", **knobs) for _ in range(repeats)]
+  batch = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    _search(index, queries[:64], "ann", **knobs)
+    batch.append(1e3 * (time.perf_counter() - t))
+  n = index.num_rows
+  return dict(bench="search", case=f"ann_{n}_p{nprobe}_c{candidates}", videos=n, mode="ann",
+              dtype=index.dtype, nprobe=nprobe, candidates=candidates,
+              factories=index.manifest["ann"]["factories"],
+              p50_ms=statistics.median(_percentile(r, 50) for r in runs),
+              p99_ms=statistics.median(_percentile(r, 99) for r in runs),
+              batch64_ms=statistics.median(batch), recall_at_10=recall, same_top10=same,
+              top1_moment_recall=top1, disk_bytes_per_video=index_bytes(index.directory) / n,
+              ram_bytes_per_video=_heap_bytes(index) / n, queries=ann_queries,
+              recall_queries=len(queries), load_avg=_load())
+
+
+def _load() -> float:
+  """The 1-minute load average (the machine is shared: each record says how busy it was)."""
+  return os.getloadavg()[0]
+
+
+def bench_collection(directory: pathlib.Path, base: IndexReader, num_videos: int, dtype: str,
+                     repeats: int, ann_queries: int, exact_queries: int,
+                     knobs: Sequence[tuple[int, int]], keep: bool = False
+                     ) -> Iterable[dict[str, Any]]:
+  """The exact and ANN records of one collection size (ANN once per (nprobe, candidates)).
+
+  `keep`: leave the collection index (with its ANN) in `directory` for the next run (`--cache`).
+  """
+  path, write_s = collection_index(directory, base, num_videos, dtype)
   index = IndexReader(path)
+  queries = make_queries(index, max(ann_queries, 64), seed=1)
+  exact, truth = _exact_record(index, queries, exact_queries, write_s)
+  yield exact
+  index, ann_s = with_ann(path, _collection_key(base, num_videos, dtype, 0))
   index.ann()
   for nprobe, candidates in knobs:
-    _search(index, queries[:8], "ann", nprobe=nprobe, candidates=candidates)  # compiled
-    got = _search(index, queries, "ann", nprobe=nprobe, candidates=candidates)
-    recall, same, top1 = _recall(got, truth)
-    runs = [_latencies(index, queries[:ann_queries], "ann", nprobe=nprobe, candidates=candidates)
-            for _ in range(repeats)]
-    batch = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      _search(index, queries[:64], "ann", nprobe=nprobe, candidates=candidates)
-      batch.append(1e3 * (time.perf_counter() - t))
-    yield dict(bench="search", case=f"ann_{num_videos}_p{nprobe}_c{candidates}",
-               videos=num_videos, mode="ann", dtype=dtype, nprobe=nprobe, candidates=candidates,
-               factories=index.manifest["ann"]["factories"],
-               p50_ms=statistics.median(_percentile(r, 50) for r in runs),
-               p99_ms=statistics.median(_percentile(r, 99) for r in runs),
-               batch64_ms=statistics.median(batch), recall_at_10=recall, same_top10=same,
-               top1_moment_recall=top1, build_s=write_s + ann_s, ann_build_s=ann_s,
-               disk_bytes_per_video=index_bytes(path) / num_videos,
-               ram_bytes_per_video=_heap_bytes(index) / num_videos,
-               queries=ann_queries, recall_queries=len(queries),
-               speedup_p50=_percentile(exact_ms, 50) / statistics.median(
-                   _percentile(r, 50) for r in runs))
-  shutil.rmtree(path, ignore_errors=True)
+    record = _ann_record(index, queries, truth, repeats, ann_queries, nprobe, candidates)
+    yield dict(record, build_s=write_s + ann_s, ann_build_s=ann_s,
+               speedup_p50=exact["p50_ms"] / record["p50_ms"])
+  if not keep:
+    shutil.rmtree(path, ignore_errors=True)
+    path.with_name(path.name + ".json").unlink(missing_ok=True)
 
 
 def bench_eval_set(directory: pathlib.Path, base: IndexReader) -> dict[str, Any]:
@@ -261,7 +336,7 @@ def bench_eval_set(directory: pathlib.Path, base: IndexReader) -> dict[str, Any]
               queries=EVAL_QUERIES, same_top10=same, recall_at_10=recall, top1_moment_recall=top1,
               factories=index.manifest["ann"]["factories"], nprobe=ann_lib.DEFAULT_NPROBE,
               candidates=ann_lib.DEFAULT_CANDIDATES, build_s=build_s,
-              disk_bytes_per_video=index_bytes(path) / EVAL_VIDEOS)
+              disk_bytes_per_video=index_bytes(path) / EVAL_VIDEOS, load_avg=_load())
 
 
 def bench_search(sizes: Sequence[int], repeats: int, dtype: str = "int8",
@@ -271,9 +346,13 @@ def bench_search(sizes: Sequence[int], repeats: int, dtype: str = "int8",
                  cache: Optional[str] = None) -> Iterable[dict[str, Any]]:
   """Records of `eval500` and of every (size, mode); temporary files are removed at the end.
 
-  `cache`: a directory keeping the encoded base videos between runs (their encoding is the
-  longest part of a run), else they are temporary too.
+  `cache`: a directory keeping the encoded base videos and the collection indexes (with their ANN
+  files and the seconds their writes took) between runs, so that latencies can be measured again
+  without rebuilding; else they are temporary too.
   """
+  if base_videos < EVAL_VIDEOS:
+    raise ValueError(f"--base-videos must be at least {EVAL_VIDEOS} (the eval{EVAL_VIDEOS} case), "
+                     f"got {base_videos}")
   model_cfg = model_cfg or ModelConfig()  # the TVR setting (bench.TVR_MODEL)
   knobs = knobs or [(ann_lib.DEFAULT_NPROBE, ann_lib.DEFAULT_CANDIDATES)]
   directory = pathlib.Path(tempfile.mkdtemp(prefix="prvr_bench_search_", dir=workdir))
@@ -285,8 +364,8 @@ def bench_search(sizes: Sequence[int], repeats: int, dtype: str = "int8",
     encode_s = time.perf_counter() - t
     yield dict(bench_eval_set(directory, base), base_videos=base_videos, base_encode_s=encode_s)
     for size in sizes:
-      for record in bench_collection(directory, base, size, dtype, repeats, ann_queries,
-                                     exact_queries, knobs):
+      for record in bench_collection(kept, base, size, dtype, repeats, ann_queries,
+                                     exact_queries, knobs, keep=cache is not None):
         record["base_videos"], record["base_encode_s"] = base_videos, encode_s
         yield record
   finally:

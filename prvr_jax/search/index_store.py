@@ -368,30 +368,32 @@ class IndexReader:
       out["valid"] = self.alive[first:first + rows.stop - rows.start]
       yield first, out
 
-  def rows(self, positions: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+  def rows(self, positions: np.ndarray, names: Sequence[str],
+           size: Optional[int] = None) -> dict[str, np.ndarray]:
     """Arrays of some videos, read from the maps: only these rows are touched.
 
     Args:
       positions: (U,) int global positions, sorted ascending (disk order).
       names: array names (token_store.py); token arrays bring their scales when int8.
+      size: pad every array with zero rows to (size, ...) (>= U), read straight into place.
 
     Returns:
-      {name: (U, ...) array} in the order of `positions`.
+      {name: (U or size, ...) array} in the order of `positions`.
     """
     positions = np.asarray(positions, np.int64)
     names = list(names) + [SCALES[n] for n in names if n in SCALES and self.dtype == "int8"]
+    template = self.segments[0].arrays
+    total = len(positions) if size is None else size
+    out = {n: np.zeros((total,) + template[n].shape[1:], template[n].dtype) for n in names}
     bounds = np.searchsorted(positions, np.asarray(self.firsts[1:] + [self.num_rows]))
-    parts = {n: [] for n in names}
     lo = 0
     for seg, first, hi in zip(self.segments, self.firsts, bounds):
       if hi > lo:
         local = positions[lo:hi] - first
         for n in names:
-          parts[n].append(seg.arrays[n][local])
+          np.take(seg.arrays[n], local, axis=0, out=out[n][lo:hi])
       lo = hi
-    return {n: (np.concatenate(v) if v else
-                np.zeros((0,) + self.segments[0].arrays[n].shape[1:], self.segments[0].arrays[n].dtype))
-            for n, v in parts.items()}
+    return out
 
   def ann(self):
     """The ANN searcher of this index (ann.py), loaded and checked on first use; None if none."""

@@ -51,6 +51,7 @@ MODES = ("auto", "exact", "ann")
 EXACT_BELOW = 1000
 # Queries whose candidates are re-scored together (one token read and one kernel call per group).
 RERANK_GROUP = 8
+SCORE_BLOCK = 8  # videos scored per step of the kernel (branch_maxima)
 SCORED_ARRAYS = ("clip_tokens", "frame_tokens", "clip_spans", "frame_spans", "valid")
 
 
@@ -147,6 +148,45 @@ def encode_token_features(model: SearchModel, rows: Sequence[np.ndarray], batch:
   return np.concatenate(out)
 
 
+def _score_block(num_videos: int) -> int:
+  """Videos per step of `branch_maxima`: the largest power of two <= SCORE_BLOCK dividing C."""
+  block = SCORE_BLOCK
+  while num_videos % block:
+    block //= 2
+  return block
+
+
+def branch_maxima(queries: jax.Array, tokens: jax.Array,
+                  scales: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Each video's best token for each query: max and argmax over T of q . token (* scale).
+
+  Args:
+    queries: (Qb, D) float32.
+    tokens: (C, T, D) float32, float16 or int8.
+    scales: (C, T) float32 per-token scales of int8 tokens, or None.
+
+  Returns:
+    (Qb, C) float32 maxima and (Qb, C) int32 token indices.
+  """
+  c, t, d = tokens.shape
+  block = _score_block(c)
+
+  def step(part):
+    tok, scale = part
+    sim = jnp.einsum("ctd,qd->ctq", tok.astype(jnp.float32), queries)  # (block, T, Qb)
+    if scale is not None:
+      sim = sim * scale[..., None].astype(jnp.float32)
+    return jnp.max(sim, axis=1), jnp.argmax(sim, axis=1).astype(jnp.int32)
+
+  # A few videos per step: scored whole, XLA:CPU writes the float32 copy of the (C, T, D) tokens
+  # and the (C, T, Qb) products to memory before reducing them; per block both stay in cache
+  # (single query, C = 1024 int8 videos: 3.3x faster, measured).
+  parts = (tokens.reshape(c // block, block, t, d),
+           None if scales is None else scales.reshape(c // block, block, t))
+  best, arg = jax.lax.map(step, parts)  # (C / block, block, Qb)
+  return best.reshape(c, -1).T, arg.reshape(c, -1).T
+
+
 @functools.lru_cache(maxsize=None)
 def make_topk_kernel(k: int, clip_weight: float, frame_weight: float) -> Callable[..., dict]:
   """A jitted fn(state, queries, chunk, first, num_valid) -> state merging one chunk's scores.
@@ -166,18 +206,11 @@ def make_topk_kernel(k: int, clip_weight: float, frame_weight: float) -> Callabl
     The new state, sorted by score descending (ties: lower position first).
   """
 
-  def similarities(queries, chunk, name):
-    sim = jnp.einsum("qd,ckd->qck", queries, chunk[name].astype(jnp.float32))
-    scale = SCALES[name]
-    return sim * chunk[scale][None].astype(jnp.float32) if scale in chunk else sim
-
   @jax.jit
   def merge(state, queries, chunk, first, num_valid):
-    clip_sim = similarities(queries, chunk, "clip_tokens")
-    frame_sim = similarities(queries, chunk, "frame_tokens")
-    c = clip_sim.shape[1]
-    clip, clip_arg = jnp.max(clip_sim, axis=-1), jnp.argmax(clip_sim, axis=-1)
-    frame, frame_arg = jnp.max(frame_sim, axis=-1), jnp.argmax(frame_sim, axis=-1)
+    clip, clip_arg = branch_maxima(queries, chunk["clip_tokens"], chunk.get("clip_scales"))
+    frame, frame_arg = branch_maxima(queries, chunk["frame_tokens"], chunk.get("frame_scales"))
+    c = clip.shape[1]
     score = clip_weight * clip + frame_weight * frame
     videos = jnp.arange(c)
     valid = (videos < num_valid) & chunk["valid"]
@@ -303,8 +336,7 @@ def _ann_top_k(index: IndexReader, queries: np.ndarray, merge: Callable[..., dic
     group[:min(g, num - s)] = queries[s:s + g]
     union = np.unique(videos[s:s + g])
     union = union[union >= 0]
-    arrays = index.rows(union, SCORED_ARRAYS[:-1])
-    chunk = _pad_chunk(arrays, size)
+    chunk = index.rows(union, SCORED_ARRAYS[:-1], size=size)
     chunk["valid"] = np.arange(size) < len(union)
     state = merge(initial_state(g, top_k), jnp.asarray(group), jax.device_put(chunk),
                   jnp.int32(0), jnp.int32(len(union)))
