@@ -7,6 +7,7 @@
   python -m prvr_jax.bench data            # the grain loader at TVR shapes
   python -m prvr_jax.bench eval --videos 500 --queries 2500   # evaluation end to end
   python -m prvr_jax.bench search --videos 10000,100000       # exact vs ANN search (search/bench_search.py)
+  python -m prvr_jax.bench serve --videos 500 --clients 16 --per-client 50   # search service load
   python -m prvr_jax.bench all --batch 8,32 --repeats 5 --out bench.jsonl
 
 Every case reports `bench`, `case`, `items` (videos per call), `median_s` (seconds per call, median
@@ -41,6 +42,7 @@ from prvr_jax.ops.video_inputs import prepare_video_inputs
 from prvr_jax.parallel import batch_sharding, make_data_mesh
 from prvr_jax.search import ann as ann_lib
 from prvr_jax.search.bench_search import bench_search
+from prvr_jax.search.bench_serve import bench_serve
 from prvr_jax.train.optim import bert_adam, warmup_linear_schedule
 from prvr_jax.train.sharded_step import make_sharded_train_step
 from prvr_jax.train.step import create_train_state, make_train_step
@@ -257,12 +259,12 @@ BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": 
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m prvr_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "search", "all"])
+  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "search", "serve", "all"])
   parser.add_argument("--batch", default="8,32,128", help="comma-separated videos per batch")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (after warm-up)")
   parser.add_argument("--out", help="also append the JSON lines to this file")
   parser.add_argument("--videos", default=None,
-                      help="eval: corpus videos (500); search: comma-separated collection sizes "
+                      help="eval, serve: corpus videos (500); search: comma-separated collection sizes "
                            "(10000,100000)")
   parser.add_argument("--queries", type=int, default=2500, help="eval: queries")
   parser.add_argument("--dtype", default="int8", help="search: token store dtype")
@@ -275,6 +277,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                            "between runs")
   parser.add_argument("--base-videos", type=int, default=2000,
                       help="search: synthetic-benchmark videos encoded, then perturbed")
+  parser.add_argument("--clients", type=int, default=16, help="serve: concurrent clients")
+  parser.add_argument("--per-client", type=int, default=50, help="serve: queries per client")
+  parser.add_argument("--text-tower", choices=("l14", "tiny"), default="l14",
+                      help="serve: CLIP text tower shape (random weights)")
   args = parser.parse_args(argv)
   try:
     batches = [int(b) for b in args.batch.split(",") if b]
@@ -289,8 +295,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     candidates = [int(v) for v in args.candidates.split(",")] if args.candidates else [None]
   except ValueError:
     parser.error("--videos, --nprobe and --candidates must be comma-separated integers")
-  if not sizes or min(sizes) < 1 or args.queries < 1:
-    parser.error("--videos and --queries must be positive")
+  if not sizes or min(sizes + [args.queries, args.clients, args.per_client]) < 1:
+    parser.error("--videos, --queries, --clients and --per-client must be positive")
   if args.bench != "search" and len(sizes) > 1:
     parser.error("--videos takes one size except for `search`")
   names = sorted(BENCHES) if args.bench == "all" else [args.bench]
@@ -306,6 +312,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         records = bench_search(sizes, args.repeats, dtype=args.dtype, knobs=knobs,
                                workdir=args.workdir, cache=args.cache,
                                base_videos=args.base_videos)
+      elif name == "serve":
+        records = bench_serve(sizes[0], args.clients, args.per_client, args.repeats,
+                              args.text_tower)
       else:
         records = BENCHES[name](batches, args.repeats)
       for rec in records:

@@ -37,9 +37,9 @@ def write_video(path: pathlib.Path, seconds: int, rate: int = 10, size=(48, 64))
       container.mux(packet)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-  """A tiny CLIP with the real vocabulary size (the tokenizer's ids must fit)."""
+def write_tiny_clip(directory: pathlib.Path) -> pathlib.Path:
+  """A tiny CLIP checkpoint (projection 8) with the real vocabulary size (the tokenizer's ids must
+  fit), written to `directory`."""
   from transformers import CLIPConfig  # pylint: disable=import-outside-toplevel
 
   config = CLIPConfig(
@@ -48,9 +48,14 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
       vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, image_size=32, patch_size=16),
       projection_dim=8)
-  directory = tmp_path_factory.mktemp("clip")
   write_checkpoint(directory, config)
   return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+  """A tiny CLIP with the real vocabulary size (the tokenizer's ids must fit)."""
+  return write_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

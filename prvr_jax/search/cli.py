@@ -12,6 +12,8 @@
   python -m prvr_jax.search remove --index INDEX VIDEO_ID [VIDEO_ID ...]
   python -m prvr_jax.search compact --index INDEX [--retrain]
   python -m prvr_jax.search retrain --index INDEX [--ann-factory FAISS_FACTORY]
+  python -m prvr_jax.search serve --index INDEX --clip CLIP_DIR [--videos DIR] [--host 127.0.0.1] \\
+      [--port 8080] [--max-k 50] [--max-batch 32] [--max-wait-ms 5] [--max-query-chars 1000]
 
 `index` encodes every video of a feature file (`python -m prvr_jax.extract videos`) with a trained
 run's model into memory-mapped token arrays and builds the ANN index of each branch; an
@@ -23,6 +25,8 @@ the model's own CLIP text tower when it was trained with one) and prints one
 JSON line per result:
   {"query", "rank", "video_id", "score", "clip_score", "frame_score", "start", "end", "branch"}
 (start / end in seconds; see prvr_jax/search/query.py for the scores and the moment).
+`serve` keeps the model and index loaded and answers the same results over HTTP, with a web page
+(see prvr_jax/search/server.py for the routes).
 
 Exit status: 0 done, 2 bad input (one message naming the file and the item, no traceback).
 """
@@ -37,15 +41,27 @@ import sys
 from typing import Optional, Sequence
 
 from prvr_jax.errors import PrvrError
-from prvr_jax.models.caption_tower import WORKDIR_FILE as CAPTION_TOWER_FILE
 from prvr_jax.search import maintain
 from prvr_jax.search import query as query_lib
+from prvr_jax.search import restore
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.features import read_caption_features
 from prvr_jax.search.index import build_index, check_ann_backend
 from prvr_jax.search.index_store import IndexReader
 from prvr_jax.search.model import load_search_model
+from prvr_jax.search.query import hit_line
+from prvr_jax.search.server import Limits, serve
 from prvr_jax.search.text import encode_texts, encode_texts_with_model_tower, load_text_tower
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+  """The options of `query` and `serve` that say how the index's model and CLIP are restored."""
+  p.add_argument("--text-kind", choices=("projected", "hidden"), default="projected",
+                 help="--clip token features: as the training captions were extracted")
+  p.add_argument("--workdir", default=None,
+                 help="restore the model from here instead of the workdir the index names")
+  p.add_argument("--precision", choices=("highest", "default"), default="highest",
+                 help="CLIP float32 matmul precision")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,12 +94,7 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument("--queries", help="file with one query per line (blank lines skipped)")
   q.add_argument("--top-k", type=int, default=10, help="results per query")
   q.add_argument("--batch", type=int, default=64, help="queries per device batch")
-  q.add_argument("--text-kind", choices=("projected", "hidden"), default="projected",
-                 help="--clip token features: as the training captions were extracted")
-  q.add_argument("--workdir", default=None,
-                 help="restore the model from here instead of the workdir the index names")
-  q.add_argument("--precision", choices=("highest", "default"), default="highest",
-                 help="CLIP float32 matmul precision")
+  _add_model_options(q)
   q.add_argument("--mode", choices=("auto", "exact", "ann"), default="auto",
                  help="exact scan, or ANN candidates re-scored exactly (auto: ann from "
                       "query.EXACT_BELOW videos on)")
@@ -109,6 +120,22 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--ann-factory", default=None, help="FAISS index factory string (default: "
                                                      "chosen for the current size)")
   t.add_argument("--quiet", action="store_true", help="no progress bar")
+  s = sub.add_parser("serve", help="a search service and web page (until Ctrl-C)")
+  s.add_argument("--index", required=True, help="index directory")
+  s.add_argument("--clip", help="CLIP checkpoint directory (runs trained on extracted captions)")
+  s.add_argument("--videos", help="directory of the video files: the page plays them and shows "
+                                  "thumbnails (only files whose stem is an indexed id are served)")
+  s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
+                                                     "machine only)")
+  s.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+  s.add_argument("--max-k", type=int, default=50, help="most results a query may ask for")
+  s.add_argument("--max-batch", type=int, default=32,
+                 help="queries per encoder call, shared by concurrent requests (and per POST)")
+  s.add_argument("--max-wait-ms", type=float, default=5.0,
+                 help="how long a request waits for others to share its encoder call")
+  s.add_argument("--max-query-chars", type=int, default=1000, help="characters per query")
+  _add_model_options(s)
+  s.add_argument("--access-log", action="store_true", help="log every request")
   return p
 
 
@@ -170,8 +197,8 @@ def run_query(args: argparse.Namespace):
   index = IndexReader(args.index)  # checked before the (slow) model restore
   if query_lib.choose_mode(index, args.mode) == "ann":
     index.ann()  # the ANN files are checked against the token store before the restore too
-  workdir = _index_workdir(index, args.workdir)
-  own_tower = (pathlib.Path(workdir) / CAPTION_TOWER_FILE).is_file()
+  workdir = restore.index_workdir(index, args.workdir)
+  own_tower = restore.has_own_text_tower(workdir)
   if own_tower and (args.clip or args.text_features):
     raise SearchError(f"{workdir}: the model runs its own CLIP text tower on query text; drop "
                       f"{'--clip' if args.clip else '--text-features'} and pass the queries as text")
@@ -187,7 +214,7 @@ def run_query(args: argparse.Namespace):
   elif args.text_features:
     items = read_caption_features(args.text_features, queries or None)
     names = [cid for cid, _ in items]
-  model = _index_model(index, workdir)
+  model = restore.restore_index_model(index, workdir)
   if own_tower:
 
     vectors, names = encode_texts_with_model_tower(model, queries, args.batch), queries
@@ -200,30 +227,11 @@ def run_query(args: argparse.Namespace):
                           mode=args.mode, nprobe=args.nprobe, candidates=args.candidates)
 
 
-def _index_workdir(index, workdir: Optional[str]) -> str:
-  """--workdir, else the workdir named by the index's manifest."""
-  workdir = workdir or index.manifest["model"].get("workdir")
-  if not workdir:
-    raise SearchError(f"{index.directory}: built from parameters in memory, not a workdir; pass "
-                      "--workdir")
-  return workdir
-
-
-def _index_model(index, workdir: str):
-  """The exact checkpoint the index was built with (refused when its parameters differ)."""
-  built = index.manifest["model"]
-  step = built.get("step")  # -1: built from parameters in memory; the hash check still applies
-  step = step if isinstance(step, int) and step >= 0 else None
-  model = load_search_model(workdir, built.get("which") or "best", step=step)
-  query_lib.check_model(index, model)
-  return model
-
-
 def run_add(args: argparse.Namespace):
   """`add`: returns the OperationSummary."""
   _check_positive(args, "fps")
   index = IndexReader(args.index)
-  model = _index_model(index, _index_workdir(index, args.workdir))
+  model = restore.restore_index_model(index, restore.index_workdir(index, args.workdir))
   return maintain.add_videos(model, args.features, args.index, fps=args.fps, progress=not args.quiet)
 
 
@@ -236,14 +244,29 @@ def run_maintenance(args: argparse.Namespace):
   return maintain.retrain(args.index, factory=args.ann_factory, progress=not args.quiet)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+  """`serve`: returns the exit status once the server has stopped (130: Ctrl-C while loading)."""
+  _check_positive(args, "max_k", "max_batch", "max_query_chars")
+  if not 0 <= args.port <= 65535:
+    raise SearchError(f"--port must be in [0, 65535], got {args.port}")
+  if not args.max_wait_ms >= 0:
+    raise SearchError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+  limits = Limits(max_query_chars=args.max_query_chars, max_k=args.max_k,
+                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+  try:
+    serve(args.index, clip=args.clip, text_kind=args.text_kind, precision=args.precision,
+          workdir=args.workdir, videos=args.videos, host=args.host, port=args.port,
+          limits=limits, access_log=args.access_log)
+  except KeyboardInterrupt:  # before the server took over Ctrl-C: nothing was served yet
+    print("interrupted while loading; not served", file=sys.stderr)
+    return 130
+  return 0
+
+
 def _print_hits(results) -> None:
   for hits in results:
     for h in hits:
-      line = h.to_json()
-      for key in ("score", "clip_score", "frame_score"):
-        line[key] = round(line[key], 6)
-      line["start"], line["end"] = round(line["start"], 3), round(line["end"], 3)
-      print(json.dumps(line, ensure_ascii=False))
+      print(json.dumps(hit_line(h), ensure_ascii=False))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -260,6 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _print_hits(run_query(args))
     elif args.command == "add":
       print(run_add(args).text())
+    elif args.command == "serve":
+      return run_serve(args)
     else:
       print(run_maintenance(args).text())
   except PrvrError as e:  # bad input; the message names the file (and the item)

@@ -73,6 +73,15 @@ class Hit:
     return dataclasses.asdict(self)
 
 
+def hit_line(hit: Hit) -> dict[str, Any]:
+  """A hit as the CLI prints it (and the service answers): scores to 6 decimals, times to 3."""
+  line = hit.to_json()
+  for key in ("score", "clip_score", "frame_score"):
+    line[key] = round(line[key], 6)
+  line["start"], line["end"] = round(line["start"], 3), round(line["end"], 3)
+  return line
+
+
 def check_model(index: IndexReader, model: SearchModel) -> None:
   """Raises a SearchError when `model` is not the network that encoded the index's videos."""
   built = index.manifest["model"]

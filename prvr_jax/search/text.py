@@ -157,6 +157,78 @@ def make_text_query_encoder(tower: ClipTextTower, model: SearchModel) -> Callabl
   return encode
 
 
+TextEncoder = Callable[[Sequence[str]], np.ndarray]
+
+
+def clip_text_encoder(tower: ClipTextTower, model: SearchModel) -> TextEncoder:
+  """A reusable raw-text query encoder through an external frozen CLIP text tower.
+
+  Built once (one jitted function, CLIP parameters put on the device once); each distinct number
+  of texts compiles once, so a caller that pads to a few fixed sizes never recompiles.
+
+  Args:
+    tower: the CLIP text tower.
+    model: the MSC network.
+
+  Returns:
+    fn(texts: N strings) -> (N, D) float32 L2-normalised query vectors.
+  """
+  encode = make_text_query_encoder(tower, model)
+  clip_params = jax.device_put(tower.params, jax.local_devices()[0])  # once, not per batch
+
+  def encode_batch(texts: Sequence[str]) -> np.ndarray:
+    tok = tower.tokenizer(list(texts))
+    return np.asarray(encode(clip_params, model.params, tok.input_ids, tok.attention_mask))
+
+  return encode_batch
+
+
+def model_tower_text_encoder(model: SearchModel) -> TextEncoder:
+  """A reusable raw-text query encoder for a model that runs its own CLIP text tower.
+
+  Args:
+    model: the MSC network (its ModelConfig has a caption tower, trained or frozen).
+
+  Returns:
+    fn(texts: N strings) -> (N, D) float32 L2-normalised: what evaluation computes for the same
+    captions.
+
+  Raises:
+    SearchError: the model has no caption tower.
+  """
+  tower = model.model_cfg.caption_tower
+  if tower is None:
+    raise SearchError(f"the model {model.name} was trained on extracted caption features: pass "
+                      "--clip CLIP_DIR (the checkpoint they were extracted with)")
+  tokenizer = CaptionTokenizer(tower.token_length, tower.context_length)  # as the loader
+  encode = make_query_encoder(model.model_cfg)
+
+  def encode_batch(texts: Sequence[str]) -> np.ndarray:
+    ids, mask = tokenizer(list(texts), len(texts))
+    return np.asarray(encode(model.params, dict(caption_ids=ids, caption_id_mask=mask)))
+
+  return encode_batch
+
+
+def encode_in_batches(encoder: TextEncoder, texts: Sequence[str], batch: int) -> np.ndarray:
+  """`encoder` over `texts` in device batches of a fixed size.
+
+  Args:
+    encoder: from `clip_text_encoder` or `model_tower_text_encoder`.
+    texts: Q strings.
+    batch: texts per device call (fixed; the last batch is padded with empty texts).
+
+  Returns:
+    (Q, D) float32.
+  """
+  batch = max(1, min(batch, len(texts)))
+  out = []
+  for start in range(0, len(texts), batch):
+    part = list(texts[start:start + batch])
+    out.append(encoder(part + [""] * (batch - len(part)))[:len(part)])
+  return np.concatenate(out)
+
+
 def encode_texts(tower: ClipTextTower, model: SearchModel, texts: Sequence[str],
                  batch: int = DEFAULT_TEXT_BATCH) -> np.ndarray:
   """Query vectors of raw texts (tokenised offline, then `make_text_query_encoder`).
@@ -170,16 +242,7 @@ def encode_texts(tower: ClipTextTower, model: SearchModel, texts: Sequence[str],
   Returns:
     (Q, D) float32 L2-normalised.
   """
-  encode = make_text_query_encoder(tower, model)
-  clip_params = jax.device_put(tower.params, jax.local_devices()[0])  # once, not per batch
-  batch = max(1, min(batch, len(texts)))
-  out = []
-  for start in range(0, len(texts), batch):
-    part = list(texts[start:start + batch])
-    tok = tower.tokenizer(part + [""] * (batch - len(part)))
-    vectors = encode(clip_params, model.params, tok.input_ids, tok.attention_mask)
-    out.append(np.asarray(vectors)[:len(part)])
-  return np.concatenate(out)
+  return encode_in_batches(clip_text_encoder(tower, model), texts, batch)
 
 
 def encode_texts_with_model_tower(model: SearchModel, texts: Sequence[str],
@@ -197,17 +260,4 @@ def encode_texts_with_model_tower(model: SearchModel, texts: Sequence[str],
   Raises:
     SearchError: the model has no caption tower.
   """
-  tower = model.model_cfg.caption_tower
-  if tower is None:
-    raise SearchError(f"the model {model.name} was trained on extracted caption features: pass "
-                      "--clip CLIP_DIR (the checkpoint they were extracted with)")
-  tokenizer = CaptionTokenizer(tower.token_length, tower.context_length)  # as the loader
-  encode = make_query_encoder(model.model_cfg)
-  batch = max(1, min(batch, len(texts)))
-  out = []
-  for start in range(0, len(texts), batch):
-    part = list(texts[start:start + batch])
-    ids, mask = tokenizer(part + [""] * (batch - len(part)), batch)
-    captions = dict(caption_ids=ids, caption_id_mask=mask)
-    out.append(np.asarray(encode(model.params, captions))[:len(part)])
-  return np.concatenate(out)
+  return encode_in_batches(model_tower_text_encoder(model), texts, batch)

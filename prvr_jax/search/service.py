@@ -1,0 +1,142 @@
+"""The search engine a service keeps loaded: index, model and query encoder, compiled once.
+
+`open_engine` restores what `query` restores (the index's exact checkpoint, refused when its
+parameters differ), builds the raw-text query encoder once, and `SearchEngine.warm_up` compiles
+it and the scoring kernel for every batch size the service will use, so the first request is not
+the one that pays for compilation.
+
+Static shapes: a batch of N texts is padded with empty texts to the smallest of a few fixed sizes
+(`batch_sizes`: 1, 4, 16, ... up to max_batch) and always searched for `max_k` results (cut to
+each request's k afterwards), so serving never compiles after the warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+from prvr_jax.search import query as query_lib
+from prvr_jax.search import restore
+from prvr_jax.search.errors import SearchError
+from prvr_jax.search.index_store import IndexReader
+from prvr_jax.search.model import SearchModel
+from prvr_jax.search.query import Hit
+from prvr_jax.search.text import TextEncoder, clip_text_encoder, load_text_tower
+from prvr_jax.search.text import model_tower_text_encoder
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+  """The padded batch sizes: powers of 4 below max_batch, then max_batch (1, 4, 16, 32 for 32)."""
+  sizes = [1]
+  while sizes[-1] * 4 < max_batch:
+    sizes.append(sizes[-1] * 4)
+  if sizes[-1] != max_batch:
+    sizes.append(max_batch)
+  return tuple(sizes)
+
+
+class SearchEngine:
+  """Answers batches of query texts over one index.
+
+  Attributes:
+    index: the opened index.
+    model: the network that built it.
+    max_k: results computed per query.
+    sizes: the padded batch sizes (the last is the largest batch).
+    durations: {video id: seconds} of every indexed video.
+    warm_up_s: seconds the warm-up took (None before it).
+  """
+
+  def __init__(self, index: IndexReader, model: SearchModel, encoder: TextEncoder, *,
+               max_k: int, max_batch: int):
+    """Checks the model against the index and reads every video's id and duration.
+
+    Args:
+      index: an opened index.
+      model: the network that encoded its videos.
+      encoder: N texts -> (N, D) query vectors (`text.clip_text_encoder` or
+        `text.model_tower_text_encoder`).
+      max_k: results per query (requests ask for at most this many).
+      max_batch: queries per encoder call.
+
+    Raises:
+      SearchError: the model is not the index's, or max_k / max_batch < 1.
+    """
+    if max_k < 1 or max_batch < 1:
+      raise SearchError(f"--max-k and --max-batch must be >= 1, got {max_k}, {max_batch}")
+    query_lib.check_model(index, model)
+    self.index, self.model, self.max_k = index, model, int(max_k)
+    self.sizes = batch_sizes(int(max_batch))
+    self._encoder = encoder
+    self.durations: dict[str, float] = {}
+    for _, arrays in index.chunks():
+      self.durations.update((str(v), float(d)) for v, d in zip(arrays["video_ids"],
+                                                                arrays["durations"]))
+    self.warm_up_s: Optional[float] = None
+
+  @property
+  def max_batch(self) -> int:
+    return self.sizes[-1]
+
+  def search(self, texts: Sequence[str]) -> list[list[Hit]]:
+    """Top `max_k` hits of each text.
+
+    Args:
+      texts: 1 to max_batch query strings.
+
+    Returns:
+      len(texts) lists of Hits, rank 1 first.
+    """
+    n = len(texts)
+    if not 1 <= n <= self.max_batch:
+      raise ValueError(f"1 to {self.max_batch} texts per batch, got {n}")
+    size = next(s for s in self.sizes if s >= n)
+    padded = list(texts) + [""] * (size - n)
+    vectors = self._encoder(padded)
+    return query_lib.search(self.index, self.model, vectors, padded, top_k=self.max_k,
+                            batch=size)[:n]
+
+  def warm_up(self) -> float:
+    """Compiles the encoder and the scoring kernel for every batch size; returns the seconds."""
+    start = time.perf_counter()
+    for size in self.sizes:
+      self.search(["warm up"] * size)
+    self.warm_up_s = time.perf_counter() - start
+    return self.warm_up_s
+
+
+def open_engine(index_dir: str, *, clip: Optional[str] = None, text_kind: str = "projected",
+                precision: str = "highest", workdir: Optional[str] = None, max_k: int = 50,
+                max_batch: int = 32) -> SearchEngine:
+  """Opens an index and restores its model and query encoder (not yet warmed up).
+
+  Args:
+    index_dir: the index directory.
+    clip: CLIP checkpoint directory for a run trained on extracted caption features (None for a
+      run with its own CLIP text tower).
+    text_kind, precision: the CLIP text features ('projected' / 'hidden') and matmul precision.
+    workdir: the run, when it moved from where the manifest says.
+    max_k, max_batch: see `SearchEngine`.
+
+  Returns:
+    The engine.
+
+  Raises:
+    SearchError: bad index, a missing or superfluous --clip, or a model that is not the index's.
+    prvr_jax.train.checkpoint.CheckpointError, prvr_jax.clip.load.CheckpointError: unreadable
+      checkpoints.
+  """
+  index = IndexReader(index_dir)  # checked before the (slow) model restore
+  workdir = restore.index_workdir(index, workdir)
+  own_tower = restore.has_own_text_tower(workdir)
+  if own_tower and clip:
+    raise SearchError(f"{workdir}: the model runs its own CLIP text tower on query text; drop "
+                      "--clip")
+  if not own_tower and not clip:
+    raise SearchError(f"{workdir}: the model was trained on extracted caption features: pass "
+                      "--clip CLIP_DIR (the CLIP they were extracted with)")
+  tower = load_text_tower(clip, text_kind, precision) if clip else None
+  model = restore.restore_index_model(index, workdir)
+  encoder = clip_text_encoder(tower, model) if tower else model_tower_text_encoder(model)
+  return SearchEngine(index, model, encoder, max_k=max_k, max_batch=max_batch)
+
