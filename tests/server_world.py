@@ -260,8 +260,10 @@ def screenshot(url: str, query: str, out: pathlib.Path, profile: pathlib.Path) -
   try:
     driver.get(f"{url}/?q={urllib.parse.quote(query)}&k=6")
     WebDriverWait(driver, 60).until(lambda d: d.execute_script(
-        "return document.getElementById('player').dataset.state === 'ready' && "
+        "const v = document.getElementById('player');"
+        "return v.dataset.state === 'ready' && v.readyState >= 2 && "
         "[...document.querySelectorAll('img.thumb')].every(i => i.complete)"))
+    time.sleep(2)  # the player's loading indicator fades out after the seek
     driver.save_screenshot(str(out))
   finally:
     driver.quit()

@@ -43,10 +43,9 @@ from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.msc import init_params
 from prvr_jax.search.api import Limits, create_app
 from prvr_jax.search.index import build_index
-from prvr_jax.search.index_store import IndexReader
 from prvr_jax.search.model import from_params
 from prvr_jax.search.server import listen_socket, make_server
-from prvr_jax.search.service import SearchEngine
+from prvr_jax.search.service import ResidentIndex, SearchEngine
 from prvr_jax.search.text import ClipTextTower, clip_text_encoder
 
 # CLIP ViT-L/14's text tower (the vision tower is not used by queries: a token one).
@@ -136,7 +135,7 @@ def bench_serve(num_videos: int, clients: int, per_client: int, repeats: int,
     features = pathlib.Path(tmp) / "videos.h5"
     _random_features(features, num_videos, model_cfg.visual_input_size)
     build_index(model, features, pathlib.Path(tmp) / "index", progress=False)
-    index = IndexReader(pathlib.Path(tmp) / "index")
+    index = ResidentIndex(pathlib.Path(tmp) / "index")  # as the service holds it
     cases = {"one_at_a_time": Limits(max_k=BENCH_K, max_batch=1, max_wait_ms=0.0),
              f"batched_B{max_batch}": Limits(max_k=BENCH_K, max_batch=max_batch,
                                              max_wait_ms=max_wait_ms)}

@@ -52,6 +52,6 @@ def restore_index_model(index: IndexReader, workdir: str) -> SearchModel:
   built = index.manifest["model"]
   step = built.get("step")  # -1: built from parameters in memory; the hash check still applies
   step = step if isinstance(step, int) and step >= 0 else None
-  model = load_search_model(workdir, built.get("which") or "best", step=step)
+  model = load_search_model(workdir=workdir, which=built.get("which") or "best", step=step)
   query_lib.check_model(index, model)
   return model

@@ -1,9 +1,9 @@
 """The search engine a service keeps loaded: index, model and query encoder, compiled once.
 
-`open_engine` restores what `query` restores (the index's exact checkpoint, refused when its
-parameters differ), builds the raw-text query encoder once, and `SearchEngine.warm_up` compiles
-it and the scoring kernel for every batch size the service will use, so the first request is not
-the one that pays for compilation.
+`open_engine` reads the index into memory once, restores what `query` restores (the index's exact
+checkpoint, refused when its parameters differ) and builds the raw-text query encoder once;
+`SearchEngine.warm_up` compiles it and the scoring kernel for every batch size the service will
+use, so the first request is not the one that pays for compilation.
 
 Static shapes: a batch of N texts is padded with empty texts to the smallest of a few fixed sizes
 (`batch_sizes`: 1, 4, 16, ... up to max_batch) and always searched for `max_k` results (cut to
@@ -12,8 +12,11 @@ each request's k afterwards), so serving never compiles after the warm-up.
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
 
 from prvr_jax.search import query as query_lib
 from prvr_jax.search import restore
@@ -23,6 +26,21 @@ from prvr_jax.search.model import SearchModel
 from prvr_jax.search.query import Hit
 from prvr_jax.search.text import TextEncoder, clip_text_encoder, load_text_tower
 from prvr_jax.search.text import model_tower_text_encoder
+
+
+class ResidentIndex(IndexReader):
+  """An index whose chunks are read from disk once, at start, and then kept in memory.
+
+  A service answers every batch from the whole index: re-reading the chunk files each time
+  (what `query` does, to search indexes larger than memory) would cost more than scoring them.
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    super().__init__(directory)
+    self._resident = list(super().chunks())
+
+  def chunks(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    yield from self._resident
 
 
 def batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -93,8 +111,8 @@ class SearchEngine:
     size = next(s for s in self.sizes if s >= n)
     padded = list(texts) + [""] * (size - n)
     vectors = self._encoder(padded)
-    return query_lib.search(self.index, self.model, vectors, padded, top_k=self.max_k,
-                            batch=size)[:n]
+    return query_lib.search(index=self.index, model=self.model, queries=vectors, names=padded,
+                            top_k=self.max_k, batch=size)[:n]
 
   def warm_up(self) -> float:
     """Compiles the encoder and the scoring kernel for every batch size; returns the seconds."""
@@ -126,7 +144,7 @@ def open_engine(index_dir: str, *, clip: Optional[str] = None, text_kind: str = 
     prvr_jax.train.checkpoint.CheckpointError, prvr_jax.clip.load.CheckpointError: unreadable
       checkpoints.
   """
-  index = IndexReader(index_dir)  # checked before the (slow) model restore
+  index = ResidentIndex(directory=index_dir)  # checked before the (slow) model restore
   workdir = restore.index_workdir(index, workdir)
   own_tower = restore.has_own_text_tower(workdir)
   if own_tower and clip:

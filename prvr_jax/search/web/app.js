@@ -52,7 +52,10 @@ async function loadConfig() {
     $("k").max = health.limits.max_k;
     const files = health.videos_served === null ? "no video files (start with --videos DIR to watch)"
       : `${health.videos_served} playable`;
-    $("status").textContent = `${health.videos} videos indexed · ${files} · model ${health.model}`;
+    // The run's last two path parts name it well enough; the whole path is in the tooltip.
+    const model = health.model.split("/").slice(-2).join("/");
+    $("status").textContent = `${health.videos} videos indexed · ${files} · model ${model}`;
+    $("status").title = `model ${health.model}, index ${health.index}`;
   } catch (e) {
     $("status").textContent = `service not reachable: ${e.message}`;
   }
@@ -141,13 +144,27 @@ function select(i) {
     player.src = target;
   } else if (player.readyState >= 1) {
     player.currentTime = hit.start;
+    drawTimeline();
   } else {
     page.pendingSeek = hit.start;
   }
 }
 
+// The selected moment as a span of the video's timeline (once the duration is known).
+function drawTimeline() {
+  const player = $("player"), hit = page.hits[page.selected], span = $("timeline-moment");
+  const duration = player.duration;
+  if (!hit || !Number.isFinite(duration) || duration <= 0) {
+    span.style.width = "0";
+    return;
+  }
+  span.style.left = `${Math.min(1, hit.start / duration) * 100}%`;
+  span.style.width = `${Math.max(0.005, Math.min(1, (hit.end - hit.start) / duration)) * 100}%`;
+}
+
 function setUpPlayer() {
   const player = $("player");
+  player.addEventListener("durationchange", drawTimeline);
   player.addEventListener("loadedmetadata", () => {
     if (page.pendingSeek !== null) {
       player.currentTime = page.pendingSeek;
