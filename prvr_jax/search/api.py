@@ -31,7 +31,7 @@ import pathlib
 import sys
 import traceback
 import urllib.parse
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import fastapi
 import pydantic
@@ -129,6 +129,178 @@ def _quote(video_id: str) -> str:
   return urllib.parse.quote(video_id, safe="")
 
 
+async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
+  return JSONResponse({"error": e.message}, status_code=e.status)
+
+
+async def _validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
+  return JSONResponse({"error": _describe(list(e.errors()))}, status_code=422)
+
+
+async def _http_error(request: Request, e: starlette.exceptions.HTTPException) -> JSONResponse:
+  message = {404: f"not found: {request.url.path}",
+             405: f"method {request.method} not allowed on {request.url.path}"}
+  return JSONResponse({"error": message.get(e.status_code, str(e.detail))},
+                      status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+  traceback.print_exception(e, file=sys.stderr)  # the log gets the traceback, the client not
+  return JSONResponse({"error": f"internal error while answering {request.url.path}: "
+                                f"{type(e).__name__}"}, status_code=500)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+  """The request body, refused (413) past `limit` bytes, declared or sent."""
+  declared = request.headers.get("content-length")
+  if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    raise ApiError(413, f"body: {declared} bytes declared, the limit is {limit}")
+  body = b""
+  async for part in request.stream():
+    body += part
+    if len(body) > limit:
+      raise ApiError(413, f"body: more than the limit of {limit} bytes")
+  return body
+
+
+class SearchApi:
+  """The routes' handlers over one engine, its videos and its limits."""
+
+  def __init__(self, engine: SearchEngine, library: Optional[VideoLibrary], limits: Limits):
+    if limits.max_batch != engine.max_batch or limits.max_k != engine.max_k:
+      raise ValueError(f"limits ({limits.max_batch}, {limits.max_k}) differ from the engine's "
+                       f"({engine.max_batch}, {engine.max_k})")
+    self.engine, self.library, self.limits = engine, library, limits
+    self.page = (WEB_DIR / "index.html").read_bytes()
+    self.assets = {name: (WEB_DIR / name).read_bytes() for name in ASSETS}
+    self.moments = LastMoments()
+    self.batcher: Optional[QueryBatcher] = None
+
+  @contextlib.asynccontextmanager
+  async def lifespan(self, _app: fastapi.FastAPI) -> AsyncIterator[None]:
+    """The batcher's worker runs while the server does."""
+    self.batcher = QueryBatcher(self.engine.search, self.limits.max_batch,
+                                self.limits.max_wait_ms / 1e3)
+    try:
+      yield
+    finally:
+      self.batcher.close()
+      self.batcher = None
+
+  # ---- checks
+
+  def _text(self, text: str, name: str) -> str:
+    text = text.strip()
+    if not text:
+      raise ApiError(422, f"{name}: the query is empty")
+    if len(text) > self.limits.max_query_chars:
+      raise ApiError(422, f"{name}: the query has {len(text)} characters, more than the limit "
+                          f"of {self.limits.max_query_chars}")
+    return text
+
+  def _k(self, k: int) -> int:
+    if not 1 <= k <= self.limits.max_k:
+      raise ApiError(422, f"k: must be between 1 and {self.limits.max_k}, got {k}")
+    return k
+
+  def _duration(self, video_id: str) -> float:
+    if video_id not in self.engine.durations:
+      raise ApiError(404, f"video {video_id!r}: not in the index")
+    return self.engine.durations[video_id]
+
+  def _file(self, video_id: str) -> pathlib.Path:
+    if self.library is None:
+      raise ApiError(404, "this service has no videos (start it with --videos DIR)")
+    self._duration(video_id)
+    try:
+      return self.library.path(video_id)
+    except NotServed as e:
+      raise ApiError(404, str(e)) from None
+
+  # ---- answers
+
+  def _hit(self, h: Hit) -> dict[str, Any]:
+    line = hit_line(h)
+    if self.library is not None:
+      servable = self.library.has(h.video_id)
+      line["video_url"] = f"/videos/{_quote(h.video_id)}" if servable else None
+      line["thumbnail_url"] = (f"/thumbnails/{_quote(h.video_id)}?t={h.start:.3f}" if servable
+                               else None)
+    return line
+
+  async def _answer(self, texts: list[str], k: int) -> tuple[list[list[Hit]], dict[str, Any]]:
+    results, info = await self.batcher.answer(texts)
+    results = [hits[:k] for hits in results]
+    self.moments.remember(results)
+    return results, info.to_json()
+
+  # ---- routes
+
+  async def healthz(self) -> JSONResponse:
+    e, library = self.engine, self.library
+    return JSONResponse(dict(
+        status="ok", videos=len(e.durations), model=e.model.name, index=str(e.index.directory),
+        warm_up_s=e.warm_up_s, batch_sizes=list(e.sizes), limits=dataclasses.asdict(self.limits),
+        batching=self.batcher.stats.to_json() if self.batcher else None,
+        videos_served=None if library is None else library.num_servable(),
+        thumbnails=None if library is None else library.cache_info()))
+
+  async def search_one(self, q: str = Query(..., description="query text"),
+                       k: int = Query(DEFAULT_K, description="results")) -> JSONResponse:
+    text, k = self._text(q, "q"), self._k(k)
+    (hits,), timing = await self._answer([text], k)
+    return JSONResponse(dict(query=text, k=k, hits=[self._hit(h) for h in hits], timing=timing))
+
+  async def search_batch(self, request: Request) -> JSONResponse:
+    body = await _read_body(request, self.limits.max_body_bytes)
+    try:
+      batch = BatchRequest.model_validate_json(body or b"null")
+    except pydantic.ValidationError as e:
+      raise ApiError(422, _describe(list(e.errors()), "body") + ' (expected {"queries": '
+                          '["text", ...], "k": 10})') from None
+    if not 1 <= len(batch.queries) <= self.limits.max_batch:
+      raise ApiError(422, f"queries: {len(batch.queries)} given, a request holds 1 to "
+                          f"{self.limits.max_batch}")
+    texts = [self._text(t, f"queries[{i}]") for i, t in enumerate(batch.queries)]
+    k = self._k(batch.k)
+    results, timing = await self._answer(texts, k)
+    return JSONResponse(dict(k=k, timing=timing, results=[
+        dict(query=t, hits=[self._hit(h) for h in hits]) for t, hits in zip(texts, results)]))
+
+  async def video_info(self, video_id: str) -> JSONResponse:
+    info = dict(video_id=video_id, duration=round(self._duration(video_id), 3),
+                moments=self.moments.of(video_id))
+    if self.library is not None:
+      info["video_url"] = f"/videos/{_quote(video_id)}" if self.library.has(video_id) else None
+    return JSONResponse(info)
+
+  async def video_file(self, video_id: str) -> FileResponse:
+    return FileResponse(self._file(video_id), headers={"cache-control": "no-cache"})
+
+  def thumbnail(self, video_id: str, t: float = 0.0) -> Response:  # runs in a worker thread
+    self._file(video_id)
+    duration = self.engine.durations[video_id]
+    if not (math.isfinite(t) and 0 <= t <= duration + 1e-3):
+      raise ApiError(422, f"t: must be a time in the video, 0 to {duration:.3f} s, got {t}")
+    try:
+      jpeg = self.library.thumbnail(video_id, t)
+    except NotServed as e:
+      raise ApiError(404, str(e)) from None
+    except SearchError as e:  # the file cannot be decoded: the service's problem, not the request's
+      raise ApiError(500, str(e)) from None
+    return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
+
+  async def index_page(self) -> Response:
+    return Response(self.page, media_type="text/html; charset=utf-8",
+                    headers={"cache-control": "no-cache"})
+
+  async def asset(self, name: str) -> Response:
+    if name not in ASSETS:
+      raise ApiError(404, f"not found: /static/{name}")
+    return Response(self.assets[name], media_type=ASSETS[name],
+                    headers={"cache-control": "no-cache"})
+
+
 def create_app(engine: SearchEngine, library: Optional[VideoLibrary] = None,
                limits: Limits = Limits()) -> fastapi.FastAPI:
   """The service's ASGI app.
@@ -141,168 +313,20 @@ def create_app(engine: SearchEngine, library: Optional[VideoLibrary] = None,
   Returns:
     The FastAPI app; its lifespan starts and stops the query batcher.
   """
-  if limits.max_batch != engine.max_batch or limits.max_k != engine.max_k:
-    raise ValueError(f"limits ({limits.max_batch}, {limits.max_k}) differ from the engine's "
-                     f"({engine.max_batch}, {engine.max_k})")
-  page = (WEB_DIR / "index.html").read_bytes()
-  assets = {name: (WEB_DIR / name).read_bytes() for name in ASSETS}
-  moments = LastMoments()
-  state: dict[str, QueryBatcher] = {}
-
-  @contextlib.asynccontextmanager
-  async def lifespan(_app):
-    state["batcher"] = QueryBatcher(engine.search, limits.max_batch, limits.max_wait_ms / 1e3)
-    try:
-      yield
-    finally:
-      state.pop("batcher").close()
-
-  app = fastapi.FastAPI(title="prvr_jax search", lifespan=lifespan, docs_url=None,
+  api = SearchApi(engine, library, limits)
+  app = fastapi.FastAPI(title="prvr_jax search", lifespan=api.lifespan, docs_url=None,
                         redoc_url=None, openapi_url=None)
   app.add_middleware(ResponsePolicy)
-
-  @app.exception_handler(ApiError)
-  async def api_error(_request: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse({"error": e.message}, status_code=e.status)
-
-  @app.exception_handler(RequestValidationError)
-  async def validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"error": _describe(list(e.errors()))}, status_code=422)
-
-  @app.exception_handler(starlette.exceptions.HTTPException)
-  async def http_error(request: Request, e: starlette.exceptions.HTTPException) -> JSONResponse:
-    message = {404: f"not found: {request.url.path}",
-               405: f"method {request.method} not allowed on {request.url.path}"}
-    return JSONResponse({"error": message.get(e.status_code, str(e.detail))},
-                        status_code=e.status_code, headers=getattr(e, "headers", None))
-
-  @app.exception_handler(Exception)
-  async def internal_error(request: Request, e: Exception) -> JSONResponse:
-    traceback.print_exception(e, file=sys.stderr)  # the log gets the traceback, the client not
-    return JSONResponse({"error": f"internal error while answering {request.url.path}: "
-                                  f"{type(e).__name__}"}, status_code=500)
-
-  def hit_json(h: Hit) -> dict[str, Any]:
-    line = hit_line(h)
-    if library is not None:
-      servable = library.has(h.video_id)
-      line["video_url"] = f"/videos/{_quote(h.video_id)}" if servable else None
-      line["thumbnail_url"] = (f"/thumbnails/{_quote(h.video_id)}?t={h.start:.3f}" if servable
-                               else None)
-    return line
-
-  def checked_text(text: str, name: str) -> str:
-    text = text.strip()
-    if not text:
-      raise ApiError(422, f"{name}: the query is empty")
-    if len(text) > limits.max_query_chars:
-      raise ApiError(422, f"{name}: the query has {len(text)} characters, more than the limit "
-                          f"of {limits.max_query_chars}")
-    return text
-
-  def checked_k(k: int) -> int:
-    if not 1 <= k <= limits.max_k:
-      raise ApiError(422, f"k: must be between 1 and {limits.max_k}, got {k}")
-    return k
-
-  async def answer(texts: list[str], k: int) -> tuple[list[list[Hit]], dict[str, Any]]:
-    results, info = await state["batcher"].answer(texts)
-    results = [hits[:k] for hits in results]
-    moments.remember(results)
-    return results, info.to_json()
-
-  @app.get("/healthz")
-  async def healthz() -> JSONResponse:
-    batcher = state.get("batcher")
-    return JSONResponse(dict(
-        status="ok", videos=len(engine.durations), model=engine.model.name,
-        index=str(engine.index.directory), warm_up_s=engine.warm_up_s,
-        batch_sizes=list(engine.sizes), limits=dataclasses.asdict(limits),
-        batching=batcher.stats.to_json() if batcher else None,
-        videos_served=None if library is None else library.num_servable(),
-        thumbnails=None if library is None else library.cache_info()))
-
-  @app.get("/api/search")
-  async def search_one(q: str = Query(..., description="query text"),
-                       k: int = Query(DEFAULT_K, description="results")) -> JSONResponse:
-    text, k = checked_text(q, "q"), checked_k(k)
-    (hits,), timing = await answer([text], k)
-    return JSONResponse(dict(query=text, k=k, hits=[hit_json(h) for h in hits], timing=timing))
-
-  @app.post("/api/search")
-  async def search_batch(request: Request) -> JSONResponse:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
-      raise ApiError(413, f"body: {declared} bytes declared, the limit is "
-                          f"{limits.max_body_bytes}")
-    body = b""
-    async for part in request.stream():
-      body += part
-      if len(body) > limits.max_body_bytes:
-        raise ApiError(413, f"body: more than the limit of {limits.max_body_bytes} bytes")
-    try:
-      batch = BatchRequest.model_validate_json(body or b"null")
-    except pydantic.ValidationError as e:
-      raise ApiError(422, _describe(list(e.errors()), "body") + ' (expected {"queries": '
-                          '["text", ...], "k": 10})') from None
-    if not 1 <= len(batch.queries) <= limits.max_batch:
-      raise ApiError(422, f"queries: {len(batch.queries)} given, a request holds 1 to "
-                          f"{limits.max_batch}")
-    texts = [checked_text(t, f"queries[{i}]") for i, t in enumerate(batch.queries)]
-    k = checked_k(batch.k)
-    results, timing = await answer(texts, k)
-    return JSONResponse(dict(k=k, timing=timing, results=[
-        dict(query=t, hits=[hit_json(h) for h in hits]) for t, hits in zip(texts, results)]))
-
-  def known(video_id: str) -> float:
-    if video_id not in engine.durations:
-      raise ApiError(404, f"video {video_id!r}: not in the index")
-    return engine.durations[video_id]
-
-  @app.get("/api/videos/{video_id}")
-  async def video_info(video_id: str) -> JSONResponse:
-    duration = known(video_id)
-    info = dict(video_id=video_id, duration=round(duration, 3), moments=moments.of(video_id))
-    if library is not None:
-      info["video_url"] = f"/videos/{_quote(video_id)}" if library.has(video_id) else None
-    return JSONResponse(info)
-
-  def servable(video_id: str) -> pathlib.Path:
-    if library is None:
-      raise ApiError(404, "this service has no videos (start it with --videos DIR)")
-    known(video_id)
-    try:
-      return library.path(video_id)
-    except NotServed as e:
-      raise ApiError(404, str(e)) from None
-
-  @app.api_route("/videos/{video_id}", methods=["GET", "HEAD"])
-  async def video_file(video_id: str) -> FileResponse:
-    return FileResponse(servable(video_id), headers={"cache-control": "no-cache"})
-
-  @app.get("/thumbnails/{video_id}")
-  def thumbnail(video_id: str, t: float = 0.0) -> Response:  # decoding runs in a worker thread
-    servable(video_id)
-    duration = engine.durations[video_id]
-    if not (math.isfinite(t) and 0 <= t <= duration + 1e-3):
-      raise ApiError(422, f"t: must be a time in the video, 0 to {duration:.3f} s, got {t}")
-    try:
-      jpeg = library.thumbnail(video_id, t)
-    except NotServed as e:
-      raise ApiError(404, str(e)) from None
-    except SearchError as e:
-      raise ApiError(500, str(e)) from None
-    return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
-
-  @app.get("/")
-  async def index_page() -> Response:
-    return Response(page, media_type="text/html; charset=utf-8",
-                    headers={"cache-control": "no-cache"})
-
-  @app.get("/static/{name}")
-  async def asset(name: str) -> Response:
-    if name not in ASSETS:
-      raise ApiError(404, f"not found: /static/{name}")
-    return Response(assets[name], media_type=ASSETS[name], headers={"cache-control": "no-cache"})
-
+  app.add_exception_handler(ApiError, _api_error)
+  app.add_exception_handler(RequestValidationError, _validation_error)
+  app.add_exception_handler(starlette.exceptions.HTTPException, _http_error)
+  app.add_exception_handler(Exception, _internal_error)
+  routes = [("/", api.index_page, ["GET"]), ("/static/{name}", api.asset, ["GET"]),
+            ("/healthz", api.healthz, ["GET"]), ("/api/search", api.search_one, ["GET"]),
+            ("/api/search", api.search_batch, ["POST"]),
+            ("/api/videos/{video_id}", api.video_info, ["GET"]),
+            ("/videos/{video_id}", api.video_file, ["GET", "HEAD"]),
+            ("/thumbnails/{video_id}", api.thumbnail, ["GET"])]
+  for path, endpoint, methods in routes:
+    app.add_api_route(path, endpoint, methods=methods)
   return app

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 
 from prvr_jax.search import query as query_lib
@@ -28,16 +29,26 @@ from prvr_jax.search.text import TextEncoder, clip_text_encoder, load_text_tower
 from prvr_jax.search.text import model_tower_text_encoder
 
 
+# The arrays the scoring kernel reads; a full chunk's are kept on the device.
+_SCORED = ("clip_tokens", "frame_tokens", "clip_spans", "frame_spans")
+
+
 class ResidentIndex(IndexReader):
   """An index whose chunks are read from disk once, at start, and then kept in memory.
 
   A service answers every batch from the whole index: re-reading the chunk files each time
   (what `query` does, to search indexes larger than memory) would cost more than scoring them.
+  The scored arrays of every full chunk are put on the device once (the kernel then takes them
+  as they are); the last, partial chunk stays on the host, since it is padded for each call.
   """
 
   def __init__(self, directory: str | os.PathLike):
     super().__init__(directory)
-    self._resident = list(super().chunks())
+    self._resident = []
+    for first, arrays in super().chunks():
+      if len(arrays["video_ids"]) == self.chunk_size:
+        arrays = dict(arrays, **{k: jax.device_put(arrays[k]) for k in _SCORED})
+      self._resident.append((first, arrays))
 
   def chunks(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     yield from self._resident
