@@ -35,11 +35,17 @@ def model():
   return GatedModel()
 
 
+def hold(batcher: QueryBatcher, model: GatedModel):
+  """Occupies the worker with a call that waits for `model.gate`; returns its future."""
+  future = batcher.submit(["hold"])
+  assert model.busy.wait(30)
+  return future
+
+
 def test_queued_requests_share_one_call_up_to_max_batch(model):
   batcher = QueryBatcher(model, max_batch=4, max_wait_s=0.0)
   try:
-    first = batcher.submit(["hold"])
-    assert model.busy.wait(30)
+    first = hold(batcher, model)
     a, b, c = batcher.submit(["a", "b"]), batcher.submit(["c"]), batcher.submit(["d", "e"])
     model.gate.set()
     assert first.result(30)[0] == ["HOLD"]
@@ -70,8 +76,7 @@ def test_a_full_batch_starts_without_waiting_out_the_deadline(model):
 def test_a_failed_call_fails_its_requests_only(model):
   batcher = QueryBatcher(model, max_batch=4, max_wait_s=0.0)
   try:
-    first = batcher.submit(["hold"])
-    assert model.busy.wait(30)
+    first = hold(batcher, model)
     bad, neighbour = batcher.submit(["boom"]), batcher.submit(["fine"])
     model.gate.set()
     first.result(30)
@@ -86,8 +91,7 @@ def test_a_failed_call_fails_its_requests_only(model):
 def test_cancelled_requests_are_dropped_and_bad_sizes_refused(model):
   batcher = QueryBatcher(model, max_batch=2, max_wait_s=0.0)
   try:
-    first = batcher.submit(["hold"])
-    assert model.busy.wait(30)
+    first = hold(batcher, model)
     gone, kept = batcher.submit(["gone"]), batcher.submit(["kept"])
     assert gone.cancel()  # its client went away while it was queued
     model.gate.set()
