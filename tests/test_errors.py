@@ -52,11 +52,13 @@ COMMANDS = {
     "search": (search_cli, "run_index", ["index", "--workdir", "w", "--features", "f", "--out", "o"]),
     "extract": (extract, "run", ["videos", "--clip", "c", "--out", "o", "--videos", "v", "--fps", "1"]),
     "convert": (torch_msc, "run_parity", ["--golden", "g.npz"]),
+    "serve": (search_cli, "serve", ["serve", "--index", "i", "--port", "0"]),
 }
 
 
 def _invoke(name: str) -> int:
-  return {"search": search_cli.main, "extract": extract.main, "convert": torch_msc.main}[name](
+  return {"search": search_cli.main, "extract": extract.main, "convert": torch_msc.main,
+          "serve": search_cli.main}[name](
       COMMANDS[name][2])
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import math
 import os
 import socket
@@ -27,6 +28,7 @@ from prvr_jax.search import cli
 from prvr_jax.search.api import Limits, create_app
 from prvr_jax.search.index import build_index
 from prvr_jax.search.load import run_load
+from prvr_jax.search.errors import SearchError
 from prvr_jax.search.model import from_params, load_search_model
 from prvr_jax.search.server import listen_socket, make_server
 from prvr_jax.search.service import open_engine
@@ -337,7 +339,24 @@ def test_page_in_headless_chromium_plays_the_top_moment(served, tmp_path):
     driver.quit()
 
 
-def test_service_without_videos_answers_hits_without_urls(world):
+def _raise(exc: Exception):
+  def fail(*args, **kwargs):
+    raise exc
+  return fail
+
+
+class _Records(logging.Handler):
+  """Keeps the records a logger emits (uvicorn's loggers do not propagate to caplog's)."""
+
+  def __init__(self):
+    super().__init__()
+    self.lines: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.lines.append(logging.Formatter().format(record))
+
+
+def test_service_without_videos_answers_hits_without_urls(world, monkeypatch):
   engine = open_engine(str(world.index), clip=str(world.clip), max_k=5, max_batch=2)
   engine.warm_up()
   limits = Limits(max_k=5, max_batch=2)
@@ -347,6 +366,8 @@ def test_service_without_videos_answers_hits_without_urls(world):
   server = make_server(create_app(engine, None, limits), limits, ready.set)
   thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
   thread.start()
+  log = _Records()
+  logging.getLogger("uvicorn.error").addHandler(log)
   try:
     assert ready.wait(60)
     hits = search(url, "a dog", 5)["hits"]
@@ -354,10 +375,28 @@ def test_service_without_videos_answers_hits_without_urls(world):
     status, _, body = request(url, "GET", "/videos/forest_trail")
     assert status == 404 and "start it with --videos" in json.loads(body)["error"]
     assert get_json(url, "/healthz")["videos_served"] is None
+    # A user error raised while answering is a 4xx naming it; a bug is a 500 whose traceback goes
+    # to the server's log, never to the client; either way the service keeps serving.
+    monkeypatch.setattr(engine, "_encoder", _raise(SearchError("query 'a dog': cannot encode")))
+    status, _, body = request(url, "GET", "/api/search?q=a%20dog&k=3")
+    assert (status, json.loads(body)) == (422, {"error": "query 'a dog': cannot encode"})
+    monkeypatch.setattr(engine, "_encoder", _raise(RuntimeError("lost an axis")))
+    status, _, body = request(url, "POST", "/api/search",
+                              b'{"queries": ["a dog", "a cat"], "k": 3}')
+    assert (status, json.loads(body)) == (
+        500, {"error": "internal error while answering /api/search: RuntimeError"})
+    monkeypatch.undo()
+    assert len(search(url, "a dog", 5)["hits"]) == 5
   finally:
     server.should_exit = True
     thread.join(30)
+    logging.getLogger("uvicorn.error").removeHandler(log)
   assert not thread.is_alive()
+  # One request, one bug, one logged traceback (the POST's two queries share one encoder call).
+  logged = "\n".join(log.lines)
+  assert logged.count("Exception in ASGI application") == 1, logged
+  assert "Traceback" in logged and "RuntimeError: lost an axis" in logged
+  assert "cannot encode" not in logged  # a user error is answered, not logged
   with pytest.raises(OSError):
     socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5).close()
 

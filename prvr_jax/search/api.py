@@ -15,21 +15,22 @@ A hit has the fields of the CLI's JSON lines (query, rank, video_id, score, clip
 frame_score, start, end, branch) plus, when the service has --videos, `video_url` and
 `thumbnail_url` (paths on this server; null for a video without a servable file).
 
-Bad requests (unknown route or id, a missing / empty / too long query, k out of range, too many
-queries, a body that is not the JSON asked for or too large, an unsatisfiable range, ...) get a
-4xx with {"error": "<what was wrong>"}; a failure inside the service gets a 500 with an error
-line and the traceback goes to the server's log only. Every response carries a strict
-Content-Security-Policy (the page loads nothing from elsewhere).
+Errors: a bad request (unknown route or id, a missing / empty / too long query, k out of range,
+too many queries, a body that is not the JSON asked for or too large, an unsatisfiable range, ...)
+raises a `PrvrError` (`ApiError` here, `NotServed` from media.py, ...) and is answered 4xx with
+{"error": "<what was wrong>"}, nothing logged. Any other exception is a bug: answered 500 with
+{"error": "internal error while answering <path>: <type>"}, its traceback logged by uvicorn
+("Exception in ASGI application", logger uvicorn.error) and never sent. Every response carries a
+strict Content-Security-Policy (the page loads nothing from elsewhere).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import pathlib
-import sys
-import traceback
 import urllib.parse
 from typing import Any, AsyncIterator, Optional
 
@@ -40,6 +41,7 @@ from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from prvr_jax.errors import PrvrError
 from prvr_jax.search.batcher import QueryBatcher
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.media import NotServed, VideoLibrary
@@ -52,6 +54,7 @@ WEB_DIR = pathlib.Path(__file__).parent / "web"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
           "favicon.svg": "image/svg+xml"}
 DEFAULT_K = 10
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +78,12 @@ class Limits:
   max_connections: int = 256
 
 
-class ApiError(Exception):
-  """A request the service refuses: answered with `status` and {"error": message}."""
+class ApiError(PrvrError):
+  """A request the service refuses: answered with `status` (4xx) and {"error": message}.
+
+  The one 5xx: a servable video file that cannot be decoded (500; the operator's file to fix,
+  named in the server's log).
+  """
 
   def __init__(self, status: int, message: str):
     super().__init__(message)
@@ -129,8 +136,16 @@ def _quote(video_id: str) -> str:
   return urllib.parse.quote(video_id, safe="")
 
 
-async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
-  return JSONResponse({"error": e.message}, status_code=e.status)
+def _status(e: PrvrError) -> int:
+  """The HTTP status of a user error: its own (ApiError), 404 for an id with no servable file, else
+  422 (the request's content cannot be used)."""
+  if isinstance(e, ApiError):
+    return e.status
+  return 404 if isinstance(e, NotServed) else 422
+
+
+async def _user_error(_request: Request, e: PrvrError) -> JSONResponse:
+  return JSONResponse({"error": str(e)}, status_code=_status(e))
 
 
 async def _validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
@@ -145,7 +160,8 @@ async def _http_error(request: Request, e: starlette.exceptions.HTTPException) -
 
 
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:
-  traceback.print_exception(e, file=sys.stderr)  # the log gets the traceback, the client not
+  # Starlette raises `e` again after this answer: uvicorn logs it with its traceback (the client
+  # gets the route and the type only).
   return JSONResponse({"error": f"internal error while answering {request.url.path}: "
                                 f"{type(e).__name__}"}, status_code=500)
 
@@ -212,10 +228,7 @@ class SearchApi:
     if self.library is None:
       raise ApiError(404, "this service has no videos (start it with --videos DIR)")
     self._duration(video_id)
-    try:
-      return self.library.path(video_id)
-    except NotServed as e:
-      raise ApiError(404, str(e)) from None
+    return self.library.path(video_id)  # NotServed: 404
 
   # ---- answers
 
@@ -284,9 +297,10 @@ class SearchApi:
       raise ApiError(422, f"t: must be a time in the video, 0 to {duration:.3f} s, got {t}")
     try:
       jpeg = self.library.thumbnail(video_id, t)
-    except NotServed as e:
-      raise ApiError(404, str(e)) from None
+    except NotServed:
+      raise  # 404
     except SearchError as e:  # the file cannot be decoded: the service's problem, not the request's
+      _LOG.warning("thumbnail: %s", e)
       raise ApiError(500, str(e)) from None
     return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
@@ -317,7 +331,7 @@ def create_app(engine: SearchEngine, library: Optional[VideoLibrary] = None,
   app = fastapi.FastAPI(title="prvr_jax search", lifespan=api.lifespan, docs_url=None,
                         redoc_url=None, openapi_url=None)
   app.add_middleware(ResponsePolicy)
-  app.add_exception_handler(ApiError, _api_error)
+  app.add_exception_handler(PrvrError, _user_error)
   app.add_exception_handler(RequestValidationError, _validation_error)
   app.add_exception_handler(starlette.exceptions.HTTPException, _http_error)
   app.add_exception_handler(Exception, _internal_error)
