@@ -23,11 +23,22 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Iterator, Optional, Sequence
 
+import av
+import h5py
 import numpy as np
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
 
+from prvr_jax import extract
+from prvr_jax.search import cli
+from prvr_jax.train.loop import train_and_evaluate
 from tests.conftest import REPO_ROOT
+from tests.test_extract import write_tiny_clip
+from tests.train_helpers import tiny_config
 
 P = 8  # the tiny CLIP's projection width
 RATE = 10  # frames per second of the test videos
@@ -60,8 +71,6 @@ def scene_frame(colours: Sequence[tuple[int, int, int]], index: int) -> np.ndarr
 
 def write_scene_video(path: pathlib.Path, colours: Sequence[tuple[int, int, int]]) -> None:
   """A WebM (VP8) of len(colours) seconds at RATE fps."""
-  import av  # pylint: disable=import-outside-toplevel
-
   with av.open(str(path), "w") as container:
     stream = container.add_stream("libvpx", rate=RATE)
     stream.height, stream.width = SIZE
@@ -100,9 +109,6 @@ class World:
 
 def train_tiny_run(workdir: pathlib.Path) -> None:
   """The tiny synthetic config at width P, one training step, no test-split evaluation."""
-  from prvr_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  from tests.train_helpers import tiny_config  # pylint: disable=import-outside-toplevel
-
   config = tiny_config()
   config.data.synthetic.visual_dim = config.data.synthetic.text_dim = P
   config.train.max_steps = 1
@@ -118,13 +124,6 @@ def build_world(root: pathlib.Path, attacks: bool = True) -> World:
   and indexed like the others, but never to be served), and after the index is built
   `stranger.webm`, a video that is not in the index.
   """
-  # pylint: disable=import-outside-toplevel
-  import h5py
-
-  from prvr_jax import extract
-  from prvr_jax.search import cli
-  from tests.test_extract import write_tiny_clip
-
   clip = write_tiny_clip(root / "clip")
   videos, outside = root / "videos", root / "outside"
   videos.mkdir()
@@ -236,10 +235,6 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 def headless_chromium(profile: pathlib.Path, width: int = 1280, height: int = 860):
   """Debian's chromium driven by selenium through Debian's chromedriver, in a fresh profile."""
-  # pylint: disable=import-outside-toplevel
-  from selenium import webdriver
-  from selenium.webdriver.chrome.service import Service
-
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   for flag in CHROMIUM_FLAGS:
@@ -251,11 +246,6 @@ def headless_chromium(profile: pathlib.Path, width: int = 1280, height: int = 86
 
 def screenshot(url: str, query: str, out: pathlib.Path, profile: pathlib.Path) -> None:
   """The page with the results of `query`, its player at the top hit's moment, as a PNG."""
-  # pylint: disable=import-outside-toplevel
-  import urllib.parse
-
-  from selenium.webdriver.support.ui import WebDriverWait
-
   driver = headless_chromium(profile)
   try:
     driver.get(f"{url}/?q={urllib.parse.quote(query)}&k=6")

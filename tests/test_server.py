@@ -22,6 +22,9 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 from prvr_jax.models.msc import init_params
 from prvr_jax.search import cli
@@ -289,11 +292,6 @@ def _moment(start: float, end: float) -> str:
 
 def test_page_in_headless_chromium_plays_the_top_moment(served, tmp_path):
   _chromium_or_skip()
-  # pylint: disable=import-outside-toplevel
-  from selenium.webdriver.common.by import By
-  from selenium.webdriver.common.keys import Keys
-  from selenium.webdriver.support.ui import WebDriverWait
-
   text = "a red car races past at night"
   want = search(served.url, text, 10)["hits"]
   driver = headless_chromium(tmp_path / "profile")
