@@ -308,6 +308,8 @@ def test_page_in_headless_chromium_plays_the_top_moment(served, tmp_path):
       assert item.find_element(By.CSS_SELECTOR, ".moment").text == _moment(hit["start"],
                                                                            hit["end"])
       assert item.find_element(By.CSS_SELECTOR, ".video-id").text == hit["video_id"]
+      shown = item.find_element(By.CSS_SELECTOR, ".score").text  # "score 0.123"
+      assert float(shown.split()[-1]) == pytest.approx(hit["score"], abs=5e-4 + 1e-9)
     player_state = ("const v = document.getElementById('player');"
                     "return [v.dataset.state, v.currentTime, v.src, v.readyState];")
     wait.until(lambda d: d.execute_script(player_state)[0] == "ready")
