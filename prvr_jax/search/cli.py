@@ -5,7 +5,7 @@
       [--ann faiss|milvus|none] [--ann-factory FAISS_FACTORY] [--milvus-uri URI]
   python -m prvr_jax.search query --index INDEX --clip CLIP_DIR "a man holds a dog" \\
       [--queries FILE] [--top-k 10] [--batch 64] [--text-kind projected|hidden] [--workdir RUN]
-      [--mode auto|exact|ann] [--nprobe 32] [--candidates 100]
+      [--mode auto|exact|ann] [--nprobe 16] [--candidates 50]
   python -m prvr_jax.search query --index INDEX --text-features captions.h5 [CAPTION_ID ...]
   python -m prvr_jax.search query --index INDEX "a man holds a dog"   # model with its own CLIP tower
   python -m prvr_jax.search add --index INDEX --features more_videos.h5 [--workdir RUN] [--fps F]
@@ -13,7 +13,8 @@
   python -m prvr_jax.search compact --index INDEX [--retrain]
   python -m prvr_jax.search retrain --index INDEX [--ann-factory FAISS_FACTORY]
   python -m prvr_jax.search serve --index INDEX --clip CLIP_DIR [--videos DIR] [--host 127.0.0.1] \\
-      [--port 8080] [--max-k 50] [--max-batch 32] [--max-wait-ms 5] [--max-query-chars 1000]
+      [--port 8080] [--max-k 50] [--max-batch 32] [--max-wait-ms 5] [--max-query-chars 1000] \\
+      [--mode auto|exact|ann] [--nprobe 16] [--candidates 50]
 
 `index` encodes every video of a feature file (`python -m prvr_jax.extract videos`) with a trained
 run's model into memory-mapped token arrays and builds the ANN index of each branch; an
@@ -41,6 +42,7 @@ import sys
 from typing import Optional, Sequence
 
 from prvr_jax.errors import PrvrError
+from prvr_jax.search import ann as ann_lib
 from prvr_jax.search import maintain
 from prvr_jax.search import query as query_lib
 from prvr_jax.search import restore
@@ -51,17 +53,27 @@ from prvr_jax.search.index_store import IndexReader
 from prvr_jax.search.model import load_search_model
 from prvr_jax.search.query import hit_line
 from prvr_jax.search.server import Limits, serve
+from prvr_jax.search.service import SearchSettings
 from prvr_jax.search.text import encode_texts, encode_texts_with_model_tower, load_text_tower
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-  """The options of `query` and `serve` that say how the index's model and CLIP are restored."""
+def _add_query_options(p: argparse.ArgumentParser) -> None:
+  """The options of `query` and `serve`: how the index's model and CLIP are restored, and how the
+  index is searched."""
   p.add_argument("--text-kind", choices=("projected", "hidden"), default="projected",
                  help="--clip token features: as the training captions were extracted")
   p.add_argument("--workdir", default=None,
                  help="restore the model from here instead of the workdir the index names")
   p.add_argument("--precision", choices=("highest", "default"), default="highest",
                  help="CLIP float32 matmul precision")
+  p.add_argument("--mode", choices=query_lib.MODES, default="auto",
+                 help="exact scan, or ANN candidates re-scored exactly (auto: ann from "
+                      f"{query_lib.EXACT_BELOW} videos on)")
+  p.add_argument("--nprobe", type=int, default=None,
+                 help=f"ANN: IVF cells visited per query (default {ann_lib.DEFAULT_NPROBE})")
+  p.add_argument("--candidates", type=int, default=None,
+                 help="ANN: videos per branch and query re-scored exactly (default "
+                      f"{ann_lib.DEFAULT_CANDIDATES})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,13 +106,7 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument("--queries", help="file with one query per line (blank lines skipped)")
   q.add_argument("--top-k", type=int, default=10, help="results per query")
   q.add_argument("--batch", type=int, default=64, help="queries per device batch")
-  _add_model_options(q)
-  q.add_argument("--mode", choices=("auto", "exact", "ann"), default="auto",
-                 help="exact scan, or ANN candidates re-scored exactly (auto: ann from "
-                      "query.EXACT_BELOW videos on)")
-  q.add_argument("--nprobe", type=int, default=None, help="ANN: IVF cells visited per query")
-  q.add_argument("--candidates", type=int, default=None,
-                 help="ANN: videos per branch and query re-scored exactly")
+  _add_query_options(q)
   a = sub.add_parser("add", help="append the videos of a feature file to an index")
   a.add_argument("--index", required=True, help="index directory")
   a.add_argument("--features", required=True, help="video features .h5 of new video ids")
@@ -134,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--max-wait-ms", type=float, default=5.0,
                  help="how long a request waits for others to share its encoder call")
   s.add_argument("--max-query-chars", type=int, default=1000, help="characters per query")
-  _add_model_options(s)
+  _add_query_options(s)
   s.add_argument("--access-log", action="store_true", help="log every request")
   return p
 
@@ -246,7 +252,7 @@ def run_maintenance(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
   """`serve`: returns the exit status once the server has stopped (130: Ctrl-C while loading)."""
-  _check_positive(args, "max_k", "max_batch", "max_query_chars")
+  _check_positive(args, "max_k", "max_batch", "max_query_chars", "nprobe", "candidates")
   if not 0 <= args.port <= 65535:
     raise SearchError(f"--port must be in [0, 65535], got {args.port}")
   if not args.max_wait_ms >= 0:
@@ -256,7 +262,8 @@ def run_serve(args: argparse.Namespace) -> int:
   try:
     serve(args.index, clip=args.clip, text_kind=args.text_kind, precision=args.precision,
           workdir=args.workdir, videos=args.videos, host=args.host, port=args.port,
-          limits=limits, access_log=args.access_log)
+          limits=limits, access_log=args.access_log,
+          settings=SearchSettings(args.mode, args.nprobe, args.candidates))
   except KeyboardInterrupt:  # before the server took over Ctrl-C: nothing was served yet
     print("interrupted while loading; not served", file=sys.stderr)
     return 130
