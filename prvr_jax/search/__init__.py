@@ -13,6 +13,7 @@ Modules (one job each):
   index.py        builds an index: every video encoded once, in fixed-size padded chunks.
   ann.py          ANN candidates per branch (FAISS): token hits -> per-video maxima.
   milvus.py       the same candidates from Milvus collections (pymilvus; milvus-lite in process).
+  backends.py     opens the ANN backend an index's manifest names.
   query.py        exact scan, or ANN candidates re-scored exactly; the top-k and the moments.
   maintain.py     add / remove / compact / retrain, each atomic.
   bench_search.py `python -m prvr_jax.bench search`: exact vs ANN at collection scale.

@@ -2,9 +2,10 @@
 
 Each branch (clip: K tokens per video, frame: F) has one index over the L2-normalised tokens of
 every video position, added in position order, so token id t belongs to video t // K (or // F);
-inner product = cosine. A query's best token hits become per-video maxima (the first, i.e.
-highest, hit of each video), removed videos are dropped, and the best `candidates` videos of each
-branch go to the exact re-scoring (query.py). Two backends:
+inner product = cosine. A query's best token hits (FAISS: re-scored exactly from the token store,
+only those tokens read) become per-video maxima (the first, i.e. highest, hit of each video),
+removed videos are dropped, and the best `candidates` videos of each branch go to the exact
+re-scoring of whole videos (query.py). Two backends:
 
   faiss (default, in process): `faiss.index_factory` (default `default_factory`: an inverted file
     over k-means cells, 4-bit fast-scan product quantisation; a flat index below FLAT_BELOW
@@ -28,6 +29,14 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import tqdm
 
+# FAISS runs on OpenMP, whose idle threads spin by default: on a machine shared with JAX's own
+# threads or other processes the spinning threads take the cores the working ones need (k-means
+# training at 2,000 videos, load 10 on 2 cores: 13.5 s spinning, 3.0 s passive, 2.5 s on one
+# thread). OpenMP reads the policy when it is loaded, i.e. when FAISS is imported, hence before
+# that import; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import faiss  # pylint: disable=wrong-import-position  # after the policy above
+
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.token_store import SCALES, dequantize
 
@@ -38,14 +47,20 @@ FLAT_BELOW = 100_000
 # Training sample: k-means wants ~40 points per cell; more only costs time.
 TRAIN_POINTS_PER_CELL = 40
 MAX_TRAIN_POINTS = 200_000
-# Query-time knobs (measured with `python -m prvr_jax.bench search`, see README).
+# Query-time knobs (measured with `python -m prvr_jax.bench search`, see README). At 10,000 videos
+# (2,000 base videos, hits re-scored) nprobe 16 / 32 gave recall@10 0.984 / 0.986 with 100
+# candidates, 50 / 100 / 150 candidates 0.962 / 0.984 / 0.992 at 27 / 41 / 62 ms (load ~15).
 DEFAULT_NPROBE = 16
-DEFAULT_CANDIDATES = 50
+DEFAULT_CANDIDATES = 100
+# Token hits asked of the ANN per candidate video (re-scored, then grouped by video): 8 / 16 / 32
+# gave recall@10 0.979 / 0.981 / 0.987 at 100 candidates (10,000 videos), each doubling the reads.
 TOKEN_HITS_PER_CANDIDATE = 8
 ADD_BATCH_VIDEOS = 512
 # A search of fewer queries runs on one thread: splitting one query's few ms of work across OpenMP
 # threads cost more than it saved (2,000 videos, load 10: ANN stage 53 ms on 2 threads, 23 on 1).
 PARALLEL_FROM_QUERIES = 8
+# Queries whose token hits are read and re-scored together (bounds the rows held: 8 x 800 x 2 x D).
+REFINE_QUERIES = 8
 # Consecutive tokens averaged into one ANN vector per branch (the exact re-score reads every token).
 # Neighbouring frame tokens are near-copies (128 rows of a few events), so pairs lose little for
 # candidates and halve the frame branch's index and its build time; clip tokens are already merged.
@@ -70,21 +85,6 @@ def default_factory(num_tokens: int, dim: int) -> str:
   m = max(2, dim // PQ_DIMS_PER_CODE)
   m -= m % 2
   return f"{quantizer},PQ{m}x4fs"
-
-
-def _faiss():
-  # FAISS runs on OpenMP, whose idle threads spin by default: on a machine shared with JAX's own
-  # threads or other processes the spinning threads take the cores the working ones need (k-means
-  # training at 2,000 videos, load 10 on 2 cores: 13.5 s spinning, 3.0 s passive, 2.5 s on one
-  # thread). Only effective before OpenMP starts, i.e. before FAISS is first imported; a value the
-  # user set is kept.
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  try:
-    import faiss  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise SearchError("the ANN search needs FAISS: pip install faiss-cpu (see requirements.txt)"
-                      ) from None
-  return faiss
 
 
 def _fingerprint(path: pathlib.Path) -> str:
@@ -141,7 +141,7 @@ def _train_sample(index, branch: str, factory: str, seed: int, pool: int) -> np.
   return np.concatenate(list(branch_tokens(index, branch, positions, pool=pool)))
 
 
-def _write_index(faiss, idx, path: pathlib.Path) -> None:
+def _write_index(idx, path: pathlib.Path) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   faiss.write_index(idx, str(tmp))
   fd = os.open(tmp, os.O_RDONLY)
@@ -156,12 +156,49 @@ def _ann_file(generation: int, branch: str) -> str:
   return f"ann-{generation:06d}-{branch}.faiss"
 
 
+def _new_branch_index(index, branch: str, factory: Optional[str], seed: int
+                      ) -> tuple[Any, str, int]:
+  """(trained empty FAISS index, factory string, pool) of one branch.
+
+  The pool is `DEFAULT_POOLS` for a quantised index and 1 for a flat one: a flat scan of every
+  token is exact and cheap at the sizes that get one (averaged frame pairs cost the 500-video set
+  1 % of its exact top-10s, measured with `bench search`).
+  """
+  d = int(index.manifest["dim"])
+  tokens = _tokens_per_video(index, branch)
+  pool = DEFAULT_POOLS[branch] if tokens % DEFAULT_POOLS[branch] == 0 else 1
+  spec = factory or default_factory(index.num_rows * tokens // pool, d)
+  if spec == "Flat":
+    pool = 1
+  try:
+    idx = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+  except RuntimeError as e:
+    raise SearchError(f"--ann-factory {spec!r}: not a FAISS index factory string ({e})") from None
+  if not idx.is_trained:
+    idx.train(_train_sample(index, branch, spec, seed, pool))
+  return idx, spec, pool
+
+
+def _trained_branch_index(index, branch: str, trained: dict[str, Any], start: int) -> Any:
+  """The current FAISS index of one branch, holding positions [0, start) (emptied if start = 0)."""
+  previous = index.directory / trained["files"][branch]["file"]
+  idx = faiss.read_index(str(previous))
+  want = start * (_tokens_per_video(index, branch) // int(trained["pools"][branch]))
+  if start == 0:  # the same quantisers over a rewritten store (compact)
+    idx.reset()
+  elif idx.ntotal != want:
+    raise SearchError(f"{previous}: holds {idx.ntotal} tokens, the token store {want}: the ANN "
+                      "file does not match the token store; run `search retrain`")
+  return idx
+
+
 def build_faiss(index, generation: int, factory: Optional[str] = None,
                 trained: Optional[dict[str, Any]] = None, start: int = 0, seed: int = 0,
                 progress: bool = True) -> dict[str, Any]:
   """Writes the FAISS files of both branches for every position of `index`.
 
-  Vectors: each branch's tokens, `DEFAULT_POOLS` consecutive ones averaged (kept from `trained`).
+  Vectors: each branch's tokens, `DEFAULT_POOLS` consecutive ones averaged for a quantised index,
+  every token for a flat one (the pools are kept from `trained`).
 
   Args:
     index: IndexReader-like (its token store must be complete).
@@ -176,44 +213,23 @@ def build_faiss(index, generation: int, factory: Optional[str] = None,
   Returns:
     The manifest's `ann` entry.
   """
-  faiss = _faiss()
-  d = int(index.manifest["dim"])
-  files, factories = {}, {}
-  pools = dict(trained["pools"]) if trained is not None else {
-      b: p if _tokens_per_video(index, b) % p == 0 else 1 for b, p in DEFAULT_POOLS.items()}
+  files, factories, pools = {}, {}, {}
   for branch in BRANCH_ARRAYS:
-    pool = pools[branch]
-    tokens_per_video = _tokens_per_video(index, branch) // pool
     if trained is not None:
-      previous = index.directory / trained["files"][branch]["file"]
-      idx = faiss.read_index(str(previous))
-      if start == 0:  # the same quantisers over a rewritten store (compact)
-        idx.reset()
-      elif idx.ntotal != start * tokens_per_video:
-        raise SearchError(f"{previous}: holds {idx.ntotal} tokens, the token store "
-                          f"{start * tokens_per_video}: the ANN file does not match the token "
-                          "store; run `search retrain`")
-      spec = trained["factories"][branch]
+      idx = _trained_branch_index(index, branch, trained, start)
+      spec, pool, first = trained["factories"][branch], int(trained["pools"][branch]), start
     else:
-      spec = factory or default_factory(index.num_rows * tokens_per_video, d)
-      try:
-        idx = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
-      except RuntimeError as e:
-        raise SearchError(f"--ann-factory {spec!r}: not a FAISS index factory string ({e})"
-                          ) from None
-      if not idx.is_trained:
-        sample = _train_sample(index, branch, spec, seed, pool)
-        idx.train(sample)
-      start = 0
-    factories[branch] = spec
-    bar = tqdm.tqdm(total=index.num_rows - start, desc=f"ann {branch}", unit="video",
+      (idx, spec, pool), first = _new_branch_index(index, branch, factory, seed), 0
+    factories[branch], pools[branch] = spec, pool
+    tokens_per_video = _tokens_per_video(index, branch) // pool
+    bar = tqdm.tqdm(total=index.num_rows - first, desc=f"ann {branch}", unit="video",
                     disable=not progress)
-    for block in branch_tokens(index, branch, start=start, pool=pool):
+    for block in branch_tokens(index, branch, start=first, pool=pool):
       idx.add(block)
       bar.update(len(block) // tokens_per_video)
     bar.close()
     path = index.directory / _ann_file(generation, branch)
-    _write_index(faiss, idx, path)
+    _write_index(idx, path)
     files[branch] = dict(file=path.name, bytes=path.stat().st_size, ntotal=int(idx.ntotal),
                          fingerprint=_fingerprint(path))
   return dict(backend="faiss", factories=factories, files=files, pools=pools, trained_rows=int(
@@ -274,7 +290,6 @@ class FaissANN:
       SearchError: a missing file, or one that does not match the token store (size, fingerprint,
         token count or width).
     """
-    faiss = _faiss()
     entry = index.manifest["ann"]
     self.alive = index.alive
     try:
@@ -282,6 +297,7 @@ class FaissANN:
     except (KeyError, TypeError, ValueError):
       raise SearchError(f"{index.directory / 'manifest.json'}: damaged manifest (bad ann entry)"
                         ) from None
+    self.index, self.pools = index, pools
     self.tokens_per_video = {b: _tokens_per_video(index, b) // pools[b] for b in BRANCH_ARRAYS}
     self.indexes = {}
     self.on_gpu = False
@@ -309,9 +325,9 @@ class FaissANN:
         raise SearchError(f"{path}: {idx.ntotal} tokens of width {idx.d}, the token store has "
                           f"{want} of width {index.manifest['dim']}: the ANN file does not match "
                           "the token store; run `python -m prvr_jax.search retrain`")
-      self.indexes[branch] = self._maybe_gpu(faiss, idx)
+      self.indexes[branch] = self._maybe_gpu(idx)
 
-  def _maybe_gpu(self, faiss, idx):
+  def _maybe_gpu(self, idx):
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
       return idx
     try:
@@ -326,6 +342,10 @@ class FaissANN:
                  nprobe: int = DEFAULT_NPROBE) -> Candidates:
     """Each query's best `limit` live videos in one branch.
 
+    The ANN's token hits are re-scored exactly (their tokens read from the store) before they
+    become per-video maxima: the quantised scores alone ranked the videos too loosely (at 10,000
+    videos 0.90 of the exact top-10 found with 50 candidates per branch, 0.96 after the re-score).
+
     Args:
       queries: (Q, D) float32 L2-normalised.
       branch: 'clip' or 'frame'.
@@ -333,22 +353,44 @@ class FaissANN:
       nprobe: IVF cells visited per query (ignored by flat indexes).
 
     Returns:
-      Candidates (Q, M).
+      Candidates (Q, M), scores the exact maxima over each video's hit tokens.
     """
-    faiss = _faiss()
     idx = self.indexes[branch]
     k = min(int(idx.ntotal), limit * TOKEN_HITS_PER_CANDIDATE)
     params = None
-    if hasattr(faiss.extract_index_ivf(idx) if _is_ivf(faiss, idx) else None, "nprobe"):
+    if hasattr(faiss.extract_index_ivf(idx) if _is_ivf(idx) else None, "nprobe"):
       params = faiss.SearchParametersIVF(nprobe=int(nprobe))
-    with _omp_threads(faiss, 1 if len(queries) < PARALLEL_FROM_QUERIES else None):
-      scores, labels = idx.search(np.ascontiguousarray(queries, np.float32), k, params=params)
+    queries = np.ascontiguousarray(queries, np.float32)
+    with _omp_threads(1 if len(queries) < PARALLEL_FROM_QUERIES else None):
+      _, labels = idx.search(queries, k, params=params)
+    scores = np.concatenate([self._exact_hit_scores(queries[s:s + REFINE_QUERIES], branch,
+                                                    labels[s:s + REFINE_QUERIES])
+                             for s in range(0, len(queries), REFINE_QUERIES)])
     videos = np.where(labels >= 0, labels // self.tokens_per_video[branch], -1)
-    return per_video_maxima(scores, videos, self.alive, limit)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return per_video_maxima(np.take_along_axis(scores, order, axis=1),
+                            np.take_along_axis(videos, order, axis=1), self.alive, limit)
+
+  def _exact_hit_scores(self, queries: np.ndarray, branch: str, labels: np.ndarray) -> np.ndarray:
+    """(q, k) exact scores of ANN hits: the best q . token over each hit vector's `pool` tokens.
+
+    Args:
+      queries: (q, D) float32.
+      branch: 'clip' or 'frame'.
+      labels: (q, k) ANN vector ids, -1 for no hit (scored -inf).
+    """
+    pool, per_video = self.pools[branch], self.tokens_per_video[branch]
+    hit = labels >= 0
+    ids = np.where(hit, labels, 0)
+    videos = np.broadcast_to((ids // per_video)[..., None], ids.shape + (pool,))
+    tokens = (ids % per_video)[..., None] * pool + np.arange(pool)
+    rows = self.index.token_rows(BRANCH_ARRAYS[branch], videos.ravel(), tokens.ravel())
+    exact = np.einsum("qkpd,qd->qkp", rows.reshape(tokens.shape + (-1,)), queries).max(axis=-1)
+    return np.where(hit, exact, -np.inf).astype(np.float32)
 
 
 @contextlib.contextmanager
-def _omp_threads(faiss, threads: Optional[int]) -> Iterator[None]:
+def _omp_threads(threads: Optional[int]) -> Iterator[None]:
   """FAISS's OpenMP thread count set to `threads` (None: unchanged) for the block."""
   if threads is None:
     yield
@@ -361,21 +403,9 @@ def _omp_threads(faiss, threads: Optional[int]) -> Iterator[None]:
     faiss.omp_set_num_threads(before)
 
 
-def _is_ivf(faiss, idx) -> bool:
+def _is_ivf(idx) -> bool:
   try:
     faiss.extract_index_ivf(idx)
     return True
   except RuntimeError:
     return False
-
-
-def open_ann(index):
-  """The ANN searcher named by an index's manifest (FaissANN or milvus.MilvusANN)."""
-  backend = index.manifest["ann"].get("backend")
-  if backend == "faiss":
-    return FaissANN(index)
-  if backend == "milvus":
-    from prvr_jax.search.milvus import MilvusANN  # pylint: disable=import-outside-toplevel
-
-    return MilvusANN(index)
-  raise SearchError(f"{index.directory / 'manifest.json'}: unknown ANN backend {backend!r}")

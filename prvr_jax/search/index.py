@@ -28,6 +28,7 @@ import tqdm
 from prvr_jax.data.preprocess import resample_to_fixed_length
 from prvr_jax.eval.evaluate import make_video_encoder
 from prvr_jax.search import ann as ann_lib
+from prvr_jax.search import milvus
 from prvr_jax.search import spans
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.features import VideoFeatureFile
@@ -164,8 +165,6 @@ def build_ann_entry(index: IndexReader, generation: int, ann: str, factory: Opti
   if ann == "faiss":
     return ann_lib.build_faiss(index, generation, factory=factory, progress=progress)
   if ann == "milvus":
-    from prvr_jax.search import milvus  # pylint: disable=import-outside-toplevel
-
     return milvus.build_milvus(index, milvus_uri, progress=progress)
   return None
 

@@ -30,8 +30,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from prvr_jax.search.backends import open_ann
 from prvr_jax.search.errors import SearchError
-from prvr_jax.search.token_store import DTYPES, SCALES, Segment, SegmentWriter, segment_shapes
+from prvr_jax.search.token_store import (DTYPES, SCALES, Segment, SegmentWriter, dequantize,
+                                         segment_shapes)
 from prvr_jax.utils.files import atomic_write_text
 
 FORMAT = "prvr_jax.search.index"
@@ -395,10 +397,32 @@ class IndexReader:
       lo = hi
     return out
 
+  def token_rows(self, name: str, positions: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Single tokens of some videos, dequantised: only their rows are read from the maps.
+
+    Args:
+      name: 'clip_tokens' or 'frame_tokens'.
+      positions: (n,) int global video positions, any order.
+      tokens: (n,) int token index within each video.
+
+    Returns:
+      (n, D) float32 tokens.
+    """
+    positions = np.asarray(positions, np.int64)
+    tokens = np.asarray(tokens, np.int64)
+    out = np.empty((len(positions), int(self.manifest["dim"])), np.float32)
+    which = np.searchsorted(np.asarray(self.firsts), positions, side="right") - 1
+    for k in np.unique(which):  # one segment at a time: a few per index
+      seg, mine = self.segments[k], np.nonzero(which == k)[0]
+      arr = seg.arrays[name]
+      flat = (positions[mine] - self.firsts[k]) * arr.shape[1] + tokens[mine]
+      scales = seg.arrays.get(SCALES[name])
+      out[mine] = dequantize(np.take(arr.reshape(-1, arr.shape[-1]), flat, axis=0),
+                             None if scales is None else np.take(scales.reshape(-1), flat))
+    return out
+
   def ann(self):
     """The ANN searcher of this index (ann.py), loaded and checked on first use; None if none."""
     if self._ann is None and self.manifest.get("ann"):
-      from prvr_jax.search import ann as ann_lib  # pylint: disable=import-outside-toplevel
-
-      self._ann = ann_lib.open_ann(self)
+      self._ann = open_ann(self)
     return self._ann

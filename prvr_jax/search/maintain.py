@@ -29,6 +29,7 @@ import numpy as np
 import tqdm
 
 from prvr_jax.search import ann as ann_lib
+from prvr_jax.search import milvus
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.features import VideoFeatureFile
 from prvr_jax.search.index import encode_groups, features_identity, index_bytes
@@ -101,8 +102,6 @@ def _ann_for(index: IndexReader, draft: dict[str, Any], start: int, retrain: boo
     return None
   backend = entry.get("backend") if entry else "faiss"
   if backend == "milvus":
-    from prvr_jax.search import milvus  # pylint: disable=import-outside-toplevel
-
     if retrain or start == 0:
       return milvus.build_milvus(view, entry["uri"], progress=progress)
     return milvus.extend_milvus(view, entry, start, progress=progress)
@@ -119,8 +118,6 @@ def _commit(index: IndexReader, draft: dict[str, Any], stage: str) -> None:
   current = draft.get("ann") or {}
   if previous.get("backend") == "milvus" and previous.get("collections") != current.get(
       "collections"):
-    from prvr_jax.search import milvus  # pylint: disable=import-outside-toplevel
-
     milvus.drop_collections(previous)
 
 
