@@ -6,6 +6,7 @@
   python -m prvr_jax.bench block           # one DyGMM block forward+backward, per layout
   python -m prvr_jax.bench data            # the grain loader at TVR shapes
   python -m prvr_jax.bench eval --videos 500 --queries 2500   # evaluation end to end
+  python -m prvr_jax.bench search --videos 10000,100000       # exact vs ANN search (search/bench_search.py)
   python -m prvr_jax.bench serve --videos 500 --clients 16 --per-client 50   # search service load
   python -m prvr_jax.bench all --batch 8,32 --repeats 5 --out bench.jsonl
 
@@ -39,6 +40,8 @@ from prvr_jax.models.msc import init_params, last_token_features
 from prvr_jax.ops import tome
 from prvr_jax.ops.video_inputs import prepare_video_inputs
 from prvr_jax.parallel import batch_sharding, make_data_mesh
+from prvr_jax.search import ann as ann_lib
+from prvr_jax.search.bench_search import bench_search
 from prvr_jax.search.bench_serve import bench_serve
 from prvr_jax.train.optim import bert_adam, warmup_linear_schedule
 from prvr_jax.train.sharded_step import make_sharded_train_step
@@ -256,12 +259,24 @@ BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": 
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m prvr_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "serve", "all"])
+  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "search", "serve", "all"])
   parser.add_argument("--batch", default="8,32,128", help="comma-separated videos per batch")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (after warm-up)")
   parser.add_argument("--out", help="also append the JSON lines to this file")
-  parser.add_argument("--videos", type=int, default=500, help="eval: corpus videos")
+  parser.add_argument("--videos", default=None,
+                      help="eval, serve: corpus videos (500); search: comma-separated collection sizes "
+                           "(10000,100000)")
   parser.add_argument("--queries", type=int, default=2500, help="eval: queries")
+  parser.add_argument("--dtype", default="int8", help="search: token store dtype")
+  parser.add_argument("--nprobe", default=None, help="search: comma-separated IVF cells visited")
+  parser.add_argument("--candidates", default=None,
+                      help="search: comma-separated videos per branch re-scored")
+  parser.add_argument("--workdir", default=None, help="search: where temporary indexes go")
+  parser.add_argument("--cache", default=None,
+                      help="search: keep the encoded base videos and the collection indexes here "
+                           "between runs")
+  parser.add_argument("--base-videos", type=int, default=2000,
+                      help="search: synthetic-benchmark videos encoded, then perturbed")
   parser.add_argument("--clients", type=int, default=16, help="serve: concurrent clients")
   parser.add_argument("--per-client", type=int, default=50, help="serve: queries per client")
   parser.add_argument("--text-tower", choices=("l14", "tiny"), default="l14",
@@ -273,17 +288,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
   if args.repeats < 1 or not batches or min(batches) < 1:
     parser.error("--repeats and every --batch value must be positive")
-  if min(args.videos, args.queries, args.clients, args.per_client) < 1:
+  try:
+    sizes = [int(v) for v in (args.videos or ("10000,100000" if args.bench == "search" else "500")
+                              ).split(",") if v]
+    nprobes = [int(v) for v in args.nprobe.split(",")] if args.nprobe else [None]
+    candidates = [int(v) for v in args.candidates.split(",")] if args.candidates else [None]
+  except ValueError:
+    parser.error("--videos, --nprobe and --candidates must be comma-separated integers")
+  if not sizes or min(sizes + [args.queries, args.clients, args.per_client]) < 1:
     parser.error("--videos, --queries, --clients and --per-client must be positive")
+  if args.bench != "search" and len(sizes) > 1:
+    parser.error("--videos takes one size except for `search`")
   names = sorted(BENCHES) if args.bench == "all" else [args.bench]
   machine = _machine()
   sink = open(args.out, "a", encoding="utf-8") if args.out else None
   try:
     for name in names:
       if name == "eval":
-        records = bench_eval(args.videos, args.queries, args.repeats)
+        records = bench_eval(sizes[0], args.queries, args.repeats)
+      elif name == "search":
+        knobs = [(p or ann_lib.DEFAULT_NPROBE, c or ann_lib.DEFAULT_CANDIDATES)
+                 for p in nprobes for c in candidates]
+        records = bench_search(sizes, args.repeats, dtype=args.dtype, knobs=knobs,
+                               workdir=args.workdir, cache=args.cache,
+                               base_videos=args.base_videos)
       elif name == "serve":
-        records = bench_serve(args.videos, args.clients, args.per_client, args.repeats,
+        records = bench_serve(sizes[0], args.clients, args.per_client, args.repeats,
                               args.text_tower)
       else:
         records = BENCHES[name](batches, args.repeats)

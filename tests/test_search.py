@@ -25,8 +25,10 @@ from prvr_jax.search import query as query_lib
 from prvr_jax.search import text as text_lib
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.features import read_caption_features
+from prvr_jax.search import ann as ann_lib
 from prvr_jax.search.index_store import IndexReader, IndexWriter
 from prvr_jax.search.model import from_params
+from prvr_jax.search.token_store import SCALES, dequantize, quantize_int8
 from tests.test_extract import checkpoint, write_video  # pylint: disable=unused-import  # fixture
 
 P = 8  # the tiny CLIP's projection width (tests.test_extract.checkpoint)
@@ -120,19 +122,19 @@ def test_event_query_returns_its_video_and_moment(tmp_path):
 # Chunked scoring.
 
 
-def _random_index(directory: pathlib.Path, n: int, chunk: int, dtype: str, rng) -> dict:
+def _random_index(directory: pathlib.Path, n: int, chunk: int, dtype: str, rng,
+                  ann_factory: str = "Flat") -> dict:
   """An index of random unit tokens and random spans, written without a model."""
   k_clips, f_frames, dim = 4, 6, 8
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-  data = dict(clip=unit(rng.randn(n, k_clips, dim)).astype(dtype),
-              frame=unit(rng.randn(n, f_frames, dim)).astype(dtype),
+  data = dict(clip=unit(rng.randn(n, k_clips, dim)).astype(np.float32),
+              frame=unit(rng.randn(n, f_frames, dim)).astype(np.float32),
               clip_spans=np.sort(rng.rand(n, k_clips, 2) * 100, axis=-1).astype(np.float32),
               frame_spans=np.sort(rng.rand(n, f_frames, 2) * 100, axis=-1).astype(np.float32),
               ids=[f"video{i:03d}" for i in range(n)])
   settings = dict(model={"params_hash": "x"}, chunk_size=chunk, dtype=dtype, num_videos=n,
-                  num_clips=k_clips, num_frames=f_frames, dim=dim)
+                  num_clips=k_clips, num_frames=f_frames, dim=dim, id_width=8)
   writer = IndexWriter(directory, settings)
-  sizes = []
   for c, s in enumerate(range(0, n, chunk)):
     sl = slice(s, s + chunk)
     m = len(data["ids"][sl])
@@ -141,26 +143,39 @@ def _random_index(directory: pathlib.Path, n: int, chunk: int, dtype: str, rng) 
         num_feature_frames=np.full(m, 10, np.int32), clip_tokens=data["clip"][sl],
         frame_tokens=data["frame"][sl], clip_rows=np.zeros((m, k_clips, 2), np.int32),
         clip_spans=data["clip_spans"][sl], frame_spans=data["frame_spans"][sl]))
-    sizes.append(m)
-  writer.finish(sizes)
+  draft = writer.draft_manifest(writer.close_segment())
+  draft["ann"] = ann_lib.build_faiss(IndexReader(directory, manifest=draft), 0,
+                                     factory=ann_factory, progress=False)
+  writer.finish(draft)
+  if dtype != "float32":  # what the store holds: scores are exact on these
+    index = IndexReader(directory)
+    for key, name in (("clip", "clip_tokens"), ("frame", "frame_tokens")):
+      arrays = index.rows(np.arange(n), (name,))
+      data[key] = dequantize(arrays[name], arrays.get(SCALES[name]))
   return data
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_chunked_topk_equals_brute_force(tmp_path, dtype):
+def _brute_force(data: dict, queries: np.ndarray, cw: float, fw: float):
+  clip_sim = np.einsum("qd,nkd->qnk", queries, data["clip"])
+  frame_sim = np.einsum("qd,nfd->qnf", queries, data["frame"])
+  return clip_sim, frame_sim, cw * clip_sim.max(-1) + fw * frame_sim.max(-1)
+
+
+@pytest.mark.parametrize("dtype,mode", [("float32", "exact"), ("float16", "exact"),
+                                        ("int8", "exact"), ("int8", "ann")])
+def test_topk_equals_brute_force(tmp_path, dtype, mode):
   rng = np.random.RandomState(2)
   n, chunk, cw, fw = 23, 5, 0.4, 0.6  # 5 does not divide 23: the last chunk is padded
   data = _random_index(tmp_path / "idx", n, chunk, dtype, rng)
   index = IndexReader(tmp_path / "idx")
   queries = rng.randn(7, 8)
   queries = (queries / np.linalg.norm(queries, axis=-1, keepdims=True)).astype(np.float32)
-  clip_sim = np.einsum("qd,nkd->qnk", queries, data["clip"].astype(np.float32))
-  frame_sim = np.einsum("qd,nfd->qnf", queries, data["frame"].astype(np.float32))
+  clip_sim, frame_sim, fused = _brute_force(data, queries, cw, fw)
   clip, frame = clip_sim.max(-1), frame_sim.max(-1)
-  fused = cw * clip + fw * frame
   for top_k in (6, 30):  # 30 > 23 videos: every video, once
     results = query_lib.search_vectors(index, queries, [f"q{i}" for i in range(7)],
-                                       clip_weight=cw, frame_weight=fw, top_k=top_k, batch=3)
+                                       clip_weight=cw, frame_weight=fw, top_k=top_k, batch=3,
+                                       mode=mode, candidates=30)
     for qi, hits in enumerate(results):
       order = np.argsort(-fused[qi], kind="stable")[:top_k]
       assert [h.video_id for h in hits] == [data["ids"][v] for v in order]
@@ -175,16 +190,29 @@ def test_chunked_topk_equals_brute_force(tmp_path, dtype):
         np.testing.assert_allclose([h.start, h.end], span)
 
 
+def test_int8_tokens_keep_the_scores(tmp_path):
+  """Per-token int8 moves cosines by < 1e-2 of their spread; top-10 lists barely change."""
+  rng = np.random.RandomState(4)
+  exact = _random_index(tmp_path / "f32", 200, 64, "float32", rng)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  q, s = quantize_int8(exact["frame"])
+  np.testing.assert_allclose(dequantize(q, s), exact["frame"], atol=np.abs(exact["frame"]).max() / 254 + 1e-7)
+  queries = unit(rng.randn(50, 8)).astype(np.float32)
+  _, _, fused = _brute_force(exact, queries, 0.4, 0.6)
+  quant = dict(exact, clip=dequantize(*quantize_int8(exact["clip"])),
+               frame=dequantize(*quantize_int8(exact["frame"])))
+  _, _, fused8 = _brute_force(quant, queries, 0.4, 0.6)
+  assert np.abs(fused8 - fused).max() < 5e-3
+  top = lambda f: [set(np.argsort(-row)[:10]) for row in f]
+  assert np.mean([len(a & b) / 10 for a, b in zip(top(fused), top(fused8))]) >= 0.98
+
+
 # ----------------------------------------------------------------------------------------------
 # Index build: atomicity, resumption, settings, bad input.
 
 
-def _chunk_files(directory: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
-  out = {}
-  for p in sorted(directory.glob("chunk-*.npz")):
-    with np.load(p) as z:
-      out[p.name] = {k: z[k] for k in z.files}
-  return out
+def _store_files(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  return {p.name: np.load(p) for p in sorted((directory / "seg-000000").glob("*.npy"))}
 
 
 def test_interrupted_build_is_refused_then_resumed(model, features, tmp_path, monkeypatch, capsys):
@@ -202,7 +230,7 @@ def test_interrupted_build_is_refused_then_resumed(model, features, tmp_path, mo
   with pytest.raises(KeyboardInterrupt):
     index_lib.build_index(model, features, out, chunk=3, progress=False)
   monkeypatch.undo()
-  assert not (out / "manifest.json").exists() and (out / "chunk-000000.npz").exists()
+  assert not (out / "manifest.json").exists() and (out / "seg-000000").is_dir()
   with pytest.raises(SearchError, match="unfinished index .* run the same `index` command again"):
     IndexReader(out)
   # The CLI refuses it before restoring any model: one line, exit status 2.
@@ -214,11 +242,10 @@ def test_interrupted_build_is_refused_then_resumed(model, features, tmp_path, mo
   assert not (out / "build.json").exists() and not list(out.glob(".*.tmp"))
   fresh = tmp_path / "fresh"
   index_lib.build_index(model, features, fresh, chunk=3, progress=False)
-  resumed, rebuilt = _chunk_files(out), _chunk_files(fresh)
-  assert resumed.keys() == rebuilt.keys()
-  for name in rebuilt:
-    for key, value in rebuilt[name].items():
-      np.testing.assert_array_equal(resumed[name][key], value, err_msg=f"{name}/{key}")
+  resumed, rebuilt = _store_files(out), _store_files(fresh)
+  assert resumed.keys() == rebuilt.keys() and "frame_tokens.npy" in rebuilt
+  for name, value in rebuilt.items():
+    np.testing.assert_array_equal(resumed[name], value, err_msg=name)
   again = index_lib.build_index(model, features, out, chunk=3, progress=False)
   assert (again.reused, again.encoded) == (3, 0) and "already complete" in again.text()
   # Other settings: refused, then rebuilt with overwrite.
@@ -304,16 +331,34 @@ def test_damaged_or_foreign_index_is_one_clear_error(model, features, tmp_path, 
   with pytest.raises(SearchError, match=r"built with \(in memory\) step -1, but the model given is "
                                         r"/runs/other step 7 with other parameters"):
     query_lib.search(IndexReader(out), other, np.zeros((1, 32), np.float32), ["q"])
-  chunk = out / "chunk-000001.npz"
-  saved = chunk.read_bytes()
-  chunk.write_bytes(saved[:100])
-  with pytest.raises(SearchError, match=r"chunk-000001.npz: unreadable chunk file"):
-    list(IndexReader(out).chunks())
-  chunk.unlink()
-  with pytest.raises(SearchError, match=r"chunk-000001.npz: chunk file listed in manifest.json is "
-                                        r"missing; rebuild the index"):
+  tokens = out / "seg-000000" / "frame_tokens.npy"
+  saved = tokens.read_bytes()
+  tokens.write_bytes(saved[:-100])  # truncated
+  with pytest.raises(SearchError, match=r"frame_tokens.npy: \d+ bytes, the manifest recorded \d+ "
+                                        r"\(truncated or replaced token file\)"):
     IndexReader(out)
-  chunk.write_bytes(saved)
+  tokens.write_bytes(b"\x00" * len(saved))  # same size, header destroyed
+  with pytest.raises(SearchError, match=r"frame_tokens.npy: unreadable token file \(corrupt or "
+                                        r"truncated"):
+    IndexReader(out)
+  tokens.unlink()
+  with pytest.raises(SearchError, match=r"frame_tokens.npy: token store file listed in the manifest "
+                                        r"is missing; rebuild the index"):
+    IndexReader(out)
+  tokens.write_bytes(saved)
+  # An ANN file of another index (same shapes, other tokens) is refused before any search.
+  rng = np.random.RandomState(5)
+  others = _write_features(tmp_path / "others.h5", {f"v{i}": rng.randn(30, P) for i in range(7)})
+  index_lib.build_index(model, others, tmp_path / "j", chunk=3, progress=False)
+  ann_file = next(out.glob("ann-*-frame.faiss"))
+  own = ann_file.read_bytes()
+  ann_file.write_bytes(next((tmp_path / "j").glob("ann-*-frame.faiss")).read_bytes())
+  with pytest.raises(SearchError, match=r"ann-000000-frame.faiss: this ANN file is not the one the "
+                                        r"manifest names .* does not match the token store"):
+    query_lib.search(IndexReader(out), model, np.zeros((1, 32), np.float32), ["q"], mode="ann")
+  ann_file.write_bytes(own)
+  assert query_lib.search(IndexReader(out), model, np.ones((1, 32), np.float32), ["q"],
+                          mode="ann")[0]
   (out / "manifest.json").write_text("{not json")
   with pytest.raises(SearchError, match=r"manifest.json: not a readable JSON file"):
     IndexReader(out)
@@ -418,6 +463,17 @@ def test_end_to_end_from_raw_videos(checkpoint, tmp_path, capsys):
     assert 0 <= line["start"] < line["end"] <= durations[line["video_id"]] + 1e-3
   for a, b in zip(lines[::2], lines[1::2]):
     assert a["score"] >= b["score"] and a["video_id"] != b["video_id"]
+  # The index grows from the command line; adding ids already there is one error line.
+  assert cli.main(["add", "--index", str(index), "--features", str(feats), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {feats}: video 'long' is already in the index") and err.count("\n") == 1
+  more = _write_features(tmp_path / "more.h5", {"extra": np.ones((6, P))})
+  assert cli.main(["add", "--index", str(index), "--features", str(more), "--quiet"]) == 0
+  assert "1 videos added; the index now holds 4 videos (generation 1)" in capsys.readouterr().out
+  assert cli.main(["query", "--index", str(index), "--clip", str(checkpoint), "a blue video",
+                   "--top-k", "4", "--mode", "ann"]) == 0
+  ranked = [json.loads(line)["video_id"] for line in capsys.readouterr().out.splitlines()]
+  assert sorted(ranked) == ["extra", "long", "red_green", "short"]
   # A run trained on extracted caption features needs the CLIP they came from.
   assert cli.main(["query", "--index", str(index), "a blue video"]) == 2
   assert "trained on extracted caption features: pass --clip" in capsys.readouterr().err

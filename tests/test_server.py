@@ -27,6 +27,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from prvr_jax.models.msc import init_params
+from prvr_jax.search import ann as ann_lib
 from prvr_jax.search import cli
 from prvr_jax.search.api import Limits, create_app
 from prvr_jax.search.index import build_index
@@ -34,7 +35,7 @@ from prvr_jax.search.load import run_load
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.model import from_params, load_search_model
 from prvr_jax.search.server import listen_socket, make_server
-from prvr_jax.search.service import open_engine
+from prvr_jax.search.service import SearchSettings, open_engine
 from tests.server_world import (CHROMEDRIVER, CHROMIUM, RATE, SCENES, build_world,
                                 headless_chromium, scene_frame, serve_args, ServeProcess)
 
@@ -127,8 +128,9 @@ def test_healthz_reports_the_loaded_service(world, served):
   assert health["videos_served"] == len(world.durations) - 1  # all but the link out
   assert health["model"] == f"{world.run} step 1" and health["warm_up_s"] > 0
   assert health["batch_sizes"] == [1, 4]
+  assert health["search"] == {"mode": "exact"}  # auto: below query.EXACT_BELOW videos
   assert health["limits"]["max_k"] == 20 and health["limits"]["max_batch"] == 4
-  assert "warm-up" in served.ready_line
+  assert "; mode exact; warm-up" in served.ready_line
 
 
 def test_video_files_answer_range_requests(world, served):
@@ -356,8 +358,12 @@ class _Records(logging.Handler):
     self.lines.append(logging.Formatter().format(record))
 
 
-def test_service_without_videos_answers_hits_without_urls(world, monkeypatch):
-  engine = open_engine(str(world.index), clip=str(world.clip), max_k=5, max_batch=2)
+def test_ann_service_without_videos_answers_hits_without_urls(world, served, monkeypatch):
+  # ANN mode (the index holds a flat FAISS index of each branch: below query.EXACT_BELOW videos
+  # `auto` would search exactly): its candidates are re-scored exactly, so with every video a
+  # candidate it answers what the exact service answers.
+  engine = open_engine(str(world.index), clip=str(world.clip), max_k=5, max_batch=2,
+                       settings=SearchSettings(mode="ann", candidates=6))
   engine.warm_up()
   limits = Limits(max_k=5, max_batch=2)
   sock = listen_socket("127.0.0.1", 0)
@@ -372,9 +378,13 @@ def test_service_without_videos_answers_hits_without_urls(world, monkeypatch):
     assert ready.wait(60)
     hits = search(url, "a dog", 5)["hits"]
     assert len(hits) == 5 and all(set(h) == CLI_FIELDS for h in hits)
+    exact = search(served.url, "a dog", 5)["hits"]
+    assert [{key: h[key] for key in CLI_FIELDS} for h in exact] == hits
     status, _, body = request(url, "GET", "/videos/forest_trail")
     assert status == 404 and "start it with --videos" in json.loads(body)["error"]
-    assert get_json(url, "/healthz")["videos_served"] is None
+    health = get_json(url, "/healthz")
+    assert health["videos_served"] is None
+    assert health["search"] == dict(mode="ann", nprobe=ann_lib.DEFAULT_NPROBE, candidates=6)
     # A user error raised while answering is a 4xx naming it; a bug is a 500 whose traceback goes
     # to the server's log, never to the client; either way the service keeps serving.
     monkeypatch.setattr(engine, "_encoder", _raise(SearchError("query 'a dog': cannot encode")))
@@ -418,6 +428,9 @@ def test_an_index_of_another_model_refuses_to_start(world, tmp_path, capsys):
   assert err.strip().splitlines()[-1].startswith(
       f"error: {tmp_path / 'other'}: built with {world.run} step 1, but the model given is")
   assert "Traceback" not in err
+  # Search options are checked as `query` checks them, before anything is loaded.
+  assert cli.main(["serve", "--index", str(world.index), "--nprobe", "0"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --nprobe must be > 0, got 0"
 
 
 def test_shutdown(served):

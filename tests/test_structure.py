@@ -39,6 +39,7 @@ DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
     ("prvr_jax.convert.torch_msc", "torch"): "torch is a test-only dependency",
     ("prvr_jax.text.tokenizer", "transformers"): "1.5 s import; the loader imports this module",
     ("prvr_jax.clip.config", "transformers"): "1.5 s import; every run imports this module",
+    ("prvr_jax.search.milvus", "pymilvus"): "5-9 s import; only an index on Milvus needs it",
 }
 
 

@@ -3,7 +3,8 @@
 Moment (what `search query` returns and what evaluation scores): of the two branches, take the one
 whose weighted score (clip_weight * clip or frame_weight * frame) contributed more to the fused
 score ('frame' on an exact tie); the moment is the time span of that branch's best-matching
-token (the first one on a tie). `choose_moment` is that rule as one jittable function.
+token (the first one on a tie). `choose_moment` is that rule as one jittable function
+(`moment_from_maxima` the same from reduced similarities).
 
 Time spans (numpy, host side). A video of T feature frames and `duration` seconds is resampled
 to R = 128 rows (`prvr_jax.data.preprocess.resample_to_fixed_length`): row r is the mean of frames
@@ -49,12 +50,10 @@ class Moment(NamedTuple):
   branch: jax.Array
 
 
-def _best_token_span(sim: jax.Array, spans: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(max over tokens, that token's span). (S..., L), (S..., L, 2) broadcastable -> (S...), (S..., 2)."""
-  arg = jnp.argmax(sim, axis=-1)
-  spans = jnp.reshape(spans, (1,) * (sim.ndim + 1 - spans.ndim) + spans.shape)
-  span = jnp.take_along_axis(spans, arg[..., None, None], axis=-2)[..., 0, :]
-  return jnp.max(sim, axis=-1), span
+def _token_span(arg: jax.Array, spans: jax.Array) -> jax.Array:
+  """The span of token `arg`. (S...) int, (S..., L, 2) broadcastable -> (S..., 2)."""
+  spans = jnp.reshape(spans, (1,) * (arg.ndim + 2 - spans.ndim) + spans.shape)
+  return jnp.take_along_axis(spans, arg[..., None, None], axis=-2)[..., 0, :]
 
 
 def choose_moment(clip_sim: jax.Array, frame_sim: jax.Array, clip_spans: jax.Array,
@@ -72,10 +71,31 @@ def choose_moment(clip_sim: jax.Array, frame_sim: jax.Array, clip_spans: jax.Arr
   Returns:
     A Moment with (S...) arrays, start/end as float32.
   """
-  clip, clip_span = _best_token_span(clip_sim, clip_spans)
-  frame, frame_span = _best_token_span(frame_sim, frame_spans)
+  return moment_from_maxima(jnp.max(clip_sim, axis=-1), jnp.argmax(clip_sim, axis=-1),
+                            jnp.max(frame_sim, axis=-1), jnp.argmax(frame_sim, axis=-1),
+                            clip_spans, frame_spans, clip_weight, frame_weight)
+
+
+def moment_from_maxima(clip: jax.Array, clip_arg: jax.Array, frame: jax.Array,
+                       frame_arg: jax.Array, clip_spans: jax.Array, frame_spans: jax.Array,
+                       clip_weight: float, frame_weight: float) -> Moment:
+  """`choose_moment` from each branch's best similarity and its (first) best token.
+
+  For callers that reduce the similarities themselves (the search kernel does it a few videos at
+  a time, dequantising int8 tokens on the way).
+
+  Args:
+    clip, frame: (S...) best clip-token / frame-token similarity.
+    clip_arg, frame_arg: (S...) int, the token that has it (the first one on a tie).
+    clip_spans, frame_spans: (S..., K or F, 2), broadcastable as in `choose_moment`.
+    clip_weight, frame_weight: the fusion weights.
+
+  Returns:
+    A Moment with (S...) arrays, start/end as float32.
+  """
   use_clip = clip_weight * clip > frame_weight * frame
-  span = jnp.where(use_clip[..., None], clip_span, frame_span).astype(jnp.float32)
+  span = jnp.where(use_clip[..., None], _token_span(clip_arg, clip_spans),
+                   _token_span(frame_arg, frame_spans)).astype(jnp.float32)
   return Moment(clip=clip, frame=frame, score=clip_weight * clip + frame_weight * frame,
                 start=span[..., 0], end=span[..., 1],
                 branch=jnp.where(use_clip, 0, 1).astype(jnp.int32))

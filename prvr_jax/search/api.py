@@ -3,7 +3,8 @@
 Routes (JSON unless said otherwise):
   GET  /                      the search page (prvr_jax/search/web/, no build step, no CDN)
   GET  /static/{name}         its script, style sheet and icon (a fixed list; nothing else)
-  GET  /healthz               {status, videos, model, index, limits, batching, thumbnails, ...}
+  GET  /healthz               {status, videos, model, index, index_generation, search (mode,
+                              nprobe, candidates), limits, batching, thumbnails, ...}
   GET  /api/search?q=..&k=..  {query, k, hits: [hit...], timing}
   POST /api/search            body {"queries": [...], "k": K} -> {k, results: [{query, hits}], timing}
   GET  /api/videos/{id}       {video_id, duration, video_url, moments: the moments of the last
@@ -253,6 +254,7 @@ class SearchApi:
     e, library = self.engine, self.library
     return JSONResponse(dict(
         status="ok", videos=len(e.durations), model=e.model.name, index=str(e.index.directory),
+        index_generation=e.index.generation, search=e.describe(),
         warm_up_s=e.warm_up_s, batch_sizes=list(e.sizes), limits=dataclasses.asdict(self.limits),
         batching=self.batcher.stats.to_json() if self.batcher else None,
         videos_served=None if library is None else library.num_servable(),

@@ -23,7 +23,7 @@ import uvicorn
 from prvr_jax.search.api import Limits, create_app
 from prvr_jax.search.errors import SearchError
 from prvr_jax.search.media import VideoLibrary
-from prvr_jax.search.service import open_engine
+from prvr_jax.search.service import SearchSettings, open_engine
 
 
 class _Server(uvicorn.Server):
@@ -100,7 +100,7 @@ def is_loopback(host: str) -> bool:
 def serve(index: str, *, clip: Optional[str] = None, text_kind: str = "projected",
           precision: str = "highest", workdir: Optional[str] = None, videos: Optional[str] = None,
           host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
-          access_log: bool = False) -> None:
+          settings: SearchSettings = SearchSettings(), access_log: bool = False) -> None:
   """`python -m prvr_jax.search serve`: load, warm up, serve until SIGINT / SIGTERM.
 
   Prints `ready: http://HOST:PORT/ ...` on stdout once the server accepts connections (after the
@@ -117,7 +117,8 @@ def serve(index: str, *, clip: Optional[str] = None, text_kind: str = "projected
   sock = listen_socket(host, port)  # a port in use fails now, not after the slow restore
   try:
     engine = open_engine(index, clip=clip, text_kind=text_kind, precision=precision,
-                         workdir=workdir, max_k=limits.max_k, max_batch=limits.max_batch)
+                         workdir=workdir, max_k=limits.max_k, max_batch=limits.max_batch,
+                         settings=settings)
     library = VideoLibrary(videos, engine.durations) if videos is not None else None
     print(f"warming up (batch sizes {', '.join(map(str, engine.sizes))}) ...", file=sys.stderr,
           flush=True)
@@ -128,8 +129,9 @@ def serve(index: str, *, clip: Optional[str] = None, text_kind: str = "projected
     files = "" if library is None else f", {library.num_servable()} with video files"
 
     def ready() -> None:
+      mode = ", ".join(f"{k} {v}" for k, v in engine.describe().items())
       print(f"ready: http://{shown}:{bound_port}/ ({len(engine.durations)} videos{files}; model "
-            f"{engine.model.name}; warm-up {engine.warm_up_s:.1f} s)", flush=True)
+            f"{engine.model.name}; {mode}; warm-up {engine.warm_up_s:.1f} s)", flush=True)
 
     make_server(app, limits, ready, access_log).run(sockets=[sock])
   finally:
