@@ -5,7 +5,7 @@
       [--ann faiss|milvus|none] [--ann-factory FAISS_FACTORY] [--milvus-uri URI]
   python -m prvr_jax.search query --index INDEX --clip CLIP_DIR "a man holds a dog" \\
       [--queries FILE] [--top-k 10] [--batch 64] [--text-kind projected|hidden] [--workdir RUN]
-      [--mode auto|exact|ann] [--nprobe 16] [--candidates 50]
+      [--mode auto|exact|ann] [--nprobe 16] [--candidates 100]
   python -m prvr_jax.search query --index INDEX --text-features captions.h5 [CAPTION_ID ...]
   python -m prvr_jax.search query --index INDEX "a man holds a dog"   # model with its own CLIP tower
   python -m prvr_jax.search add --index INDEX --features more_videos.h5 [--workdir RUN] [--fps F]
@@ -14,7 +14,7 @@
   python -m prvr_jax.search retrain --index INDEX [--ann-factory FAISS_FACTORY]
   python -m prvr_jax.search serve --index INDEX --clip CLIP_DIR [--videos DIR] [--host 127.0.0.1] \\
       [--port 8080] [--max-k 50] [--max-batch 32] [--max-wait-ms 5] [--max-query-chars 1000] \\
-      [--mode auto|exact|ann] [--nprobe 16] [--candidates 50]
+      [--mode auto|exact|ann] [--nprobe 16] [--candidates 100]
 
 `index` encodes every video of a feature file (`python -m prvr_jax.extract videos`) with a trained
 run's model into memory-mapped token arrays and builds the ANN index of each branch; an
