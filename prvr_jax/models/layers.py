@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prvr_jax.models.dropout import Dropout
+from prvr_jax.models.norms import LayerNorm, softmax_f32
 
 LAYER_NORM_EPS = 1e-5
 # The compute dtypes `config.model.dtype` may name. Parameters are float32 either way.
@@ -75,15 +76,9 @@ class LinearParams(nn.Module):
     return kernel, bias
 
 
-def layer_norm(name: str, dtype: Any = jnp.float32) -> nn.LayerNorm:
-  """LayerNorm whose output is `dtype`; flax computes its statistics in float32 whatever that is."""
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def softmax_f32(logits: jax.Array, dtype: Any) -> jax.Array:
-  """Softmax over the last axis in float32 (a bfloat16 exp-sum would shift attention weights by
-  ~1e-2), the probabilities returned in the compute `dtype`. (..., L) -> (..., L)."""
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+def layer_norm(name: str, dtype: Any = jnp.float32) -> LayerNorm:
+  """LayerNorm (statistics in float32) whose output is `dtype`; see models/norms.py."""
+  return LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
 
 
 class InputProjection(nn.Module):
