@@ -221,3 +221,4 @@ def test_remat_blocks_gives_the_same_losses_and_gradients(golden, converted):
   jaxpr = str(jax.make_jaxpr(lambda p: jax.grad(lambda q: MSCNet(dataclasses.replace(cfg, remat="blocks"))
                                                  .apply({"params": q}, batch)["video_query"].sum())(p))(params))
   assert "checkpoint" in jaxpr or "remat" in jaxpr
+
