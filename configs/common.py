@@ -22,17 +22,18 @@ import ml_collections
 from configs.data_defaults import data_section
 from prvr_jax.eval.config import EvalConfig
 from prvr_jax.losses.config import LossConfig
-from prvr_jax.models.config import ModelConfig
+from prvr_jax.models.config import RESOLVED_FIELDS, ModelConfig
 from prvr_jax.train.config import OptimConfig, TextTowerConfig, TrainConfig
 from prvr_jax.utils.config import section_dict
 
 
 def model_section(visual_input_size: int = 768, query_input_size: int = 768, dropout: float = 0.2,
                   sft_factor: float = 0.09) -> ml_collections.ConfigDict:
-  """`config.model`: the fields of `ModelConfig` (the caption tower comes from `text_tower`)."""
+  """`config.model`: the fields of `ModelConfig` (the caption tower comes from `text_tower`, remat
+  from `train`)."""
   model = ModelConfig(visual_input_size=visual_input_size, query_input_size=query_input_size,
                       sft_factor=sft_factor, input_dropout=dropout, dropout=dropout)
-  return ml_collections.ConfigDict(section_dict(model, exclude=("caption_tower",)))
+  return ml_collections.ConfigDict(section_dict(model, exclude=RESOLVED_FIELDS))
 
 
 def loss_section(margin: float = 0.1, clip_nce_weight: float = 0.05, frame_nce_weight: float = 0.04,

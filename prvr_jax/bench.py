@@ -8,7 +8,11 @@
   python -m prvr_jax.bench eval --videos 500 --queries 2500   # evaluation end to end
   python -m prvr_jax.bench search --videos 10000,100000       # exact vs ANN search (search/bench_search.py)
   python -m prvr_jax.bench serve --videos 500 --clients 16 --per-client 50   # search service load
+  python -m prvr_jax.bench accel           # the accelerator check: golden parity, f32/bf16 steps, eval
   python -m prvr_jax.bench all --batch 8,32 --repeats 5 --out bench.jsonl
+
+`--dtype float32|bfloat16` and `--remat none|blocks` set the model's compute dtype and remat for
+`step`, `block` and `memory` (`--store-dtype` is the search token store's dtype).
 
 Every case reports `bench`, `case`, `items` (videos per call), `median_s` (seconds per call, median
 of `--repeats` timed calls after a warm-up call), `runs_s` and the machine. `step` adds the FLOPs
@@ -19,6 +23,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,12 +35,14 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import jax.numpy as jnp
 
+from prvr_jax.convert.golden_parity import ParityError, run_parity
 from prvr_jax.data.bench_data import bench_data
 from prvr_jax.eval.bench_eval import bench_eval
 from prvr_jax.losses.config import LossConfig
 from prvr_jax.losses.total import msc_loss
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.gmm_block import DyGMMBlock
+from prvr_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES
 from prvr_jax.models.msc import init_params, last_token_features
 from prvr_jax.ops import tome
 from prvr_jax.ops.video_inputs import prepare_video_inputs
@@ -52,6 +59,7 @@ from prvr_jax.utils import host_memory
 TVR_MODEL = ModelConfig()  # D=384, 4 heads, 768-d inputs, 32 clips, 128 frames
 CAPTIONS_PER_VIDEO = 5
 CAPTION_TOKENS = 20
+DEFAULT_GOLDEN = os.path.join("..", "shared", "golden", "msc_reference_public.npz")
 
 
 def _cpu_model() -> str:
@@ -155,10 +163,10 @@ def bench_loss(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]
       yield _record("loss", f"{name}_B{b}", b, times, queries=b * CAPTIONS_PER_VIDEO)
 
 
-def matmul_rate(repeats: int = 10, n: int = 2048) -> float:
-  """FLOP/s of an n x n float32 matmul on the default device (median of `repeats`)."""
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+def matmul_rate(repeats: int = 10, n: int = 2048, dtype: str = "float32") -> float:
+  """FLOP/s of an n x n matmul in `dtype` on the default device (median of `repeats`)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), COMPUTE_DTYPES[dtype])
+  b = jax.random.normal(jax.random.key(2), (n, n), COMPUTE_DTYPES[dtype])
   fn = jax.jit(jnp.matmul)
   times = time_call(lambda: fn(a, b), repeats)
   return 2.0 * n ** 3 / statistics.median(times)
@@ -171,44 +179,68 @@ def _flops(compiled) -> Optional[float]:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def bench_step(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
-  """Full optimisation step (forward, losses, backward, BertAdam) per batch size, MSC vs backbone."""
+def peak_memory(compiled: Any) -> dict[str, Any]:
+  """`peak_memory_mb` of the device (its `memory_stats()` 'peak_bytes_in_use': the process's peak
+  so far, GPU / TPU) or, where the backend reports none (CPU), the compiled program's arguments +
+  outputs + temporaries from XLA's memory analysis; `memory_source` says which."""
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return dict(peak_memory_mb=stats["peak_bytes_in_use"] / 2**20, memory_source="memory_stats")
+  m = compiled.memory_analysis()
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return dict(peak_memory_mb=total / 2**20, memory_source="memory_analysis")
 
+
+def step_case(name: str, b: int, loss_cfg: LossConfig, model_cfg: ModelConfig, repeats: int,
+              rate: float) -> dict[str, Any]:
+  """One full optimisation step case at batch `b`: median s/step, XLA FLOPs, the achieved
+  fraction of `rate` (FLOP/s of a matmul measured in the same run), memory."""
+  schedule = warmup_linear_schedule(3e-4, 10_000, 0.01)
+  optimizer = bert_adam(schedule)
+  batch = synthetic_batch(b, jax.random.key(b), model_cfg, CAPTIONS_PER_VIDEO, CAPTION_TOKENS)
+  step = jax.jit(make_train_step(model_cfg, loss_cfg, optimizer, schedule), donate_argnums=0)
+  # The step donates its state, so every case starts from its own params.
+  state = create_train_state(init_params(model_cfg, jax.random.key(0)), optimizer)
+  compiled = step.lower(state, batch, jax.random.key(0), jnp.asarray(True)).compile()
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch, jax.random.key(0), jnp.asarray(True))
+    return metrics["loss"]
+
+  times = time_call(run, repeats)
+  flops = _flops(compiled)
+  rec = _record("step", name, b, times, flops=flops, matmul_flops_per_s=rate, dtype=model_cfg.dtype,
+                remat=model_cfg.remat, temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                **peak_memory(compiled))
+  if flops:
+    rec["achieved_flops_per_s"] = flops / rec["median_s"]
+    rec["fraction_of_matmul_rate"] = rec["achieved_flops_per_s"] / rate
+  return rec
+
+
+def bench_step(batches: Iterable[int], repeats: int,
+               model_cfg: Optional[ModelConfig] = None) -> Iterable[dict[str, Any]]:
+  """Full optimisation step (forward, losses, backward, BertAdam) per batch size, MSC vs backbone."""
+  model_cfg = model_cfg or TVR_MODEL
   rate = matmul_rate()
   yield dict(bench="step", case="matmul_2048_f32", items=0, median_s=2.0 * 2048 ** 3 / rate,
              flops_per_s=rate)
-  params = init_params(TVR_MODEL, jax.random.key(0))
-  schedule = warmup_linear_schedule(3e-4, 10_000, 0.01)
-  optimizer = bert_adam(schedule)
   for b in batches:
-    batch = synthetic_batch(b, jax.random.key(b))
     for name, loss_cfg in (("msc", LossConfig()), ("backbone", LossConfig(use_tcpl=False, use_cbva=False))):
-      step = jax.jit(make_train_step(TVR_MODEL, loss_cfg, optimizer, schedule), donate_argnums=0)
-      # The step donates its state, so every variant starts from its own copy of the params.
-      state = create_train_state(jax.tree_util.tree_map(jnp.copy, params), optimizer)
-      compiled = step.lower(state, batch, jax.random.key(0), jnp.asarray(True)).compile()
-      holder = {"state": state}
-
-      def run():
-        holder["state"], metrics = compiled(holder["state"], batch, jax.random.key(0), jnp.asarray(True))
-        return metrics["loss"]
-
-      times = time_call(run, repeats)
-      flops = _flops(compiled)
-      rec = _record("step", f"{name}_B{b}", b, times, flops=flops,
-                    matmul_flops_per_s=rate)
-      if flops:
-        rec["achieved_flops_per_s"] = flops / rec["median_s"]
-        rec["fraction_of_matmul_rate"] = rec["achieved_flops_per_s"] / rate
-      yield rec
+      yield step_case(f"{name}_B{b}", b, loss_cfg, model_cfg, repeats, rate)
 
 
-def bench_block(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+def bench_block(batches: Iterable[int], repeats: int,
+                model_cfg: Optional[ModelConfig] = None) -> Iterable[dict[str, Any]]:
   """Forward+backward of the frame DyGMM block alone (the network's hot spot)."""
-  cfg = TVR_MODEL
-  block = DyGMMBlock(cfg.num_frames, cfg.num_heads, cfg.dropout, cfg.sft_factor, cfg.gauss_widths)
+  cfg = model_cfg or TVR_MODEL
+  block = DyGMMBlock(cfg.num_frames, cfg.num_heads, cfg.dropout, cfg.sft_factor, cfg.gauss_widths,
+                     remat=cfg.remat)
   for b in batches:
-    x = jax.random.normal(jax.random.key(b), (b, cfg.num_frames, cfg.hidden_size))
+    x = jax.random.normal(jax.random.key(b), (b, cfg.num_frames, cfg.hidden_size),
+                          COMPUTE_DTYPES[cfg.dtype])
     token = jnp.ones((cfg.hidden_size,))
     mask = jnp.ones((b, cfg.num_frames))
     params = block.init({"params": jax.random.key(0)}, x, token, mask, deterministic=True)
@@ -219,7 +251,7 @@ def bench_block(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]
 
     fn = jax.jit(jax.grad(loss))
     times = time_call(lambda: fn(params, x), repeats)
-    yield _record("block", f"frame_dygmm_fwd_bwd_B{b}", b, times)
+    yield _record("block", f"frame_dygmm_fwd_bwd_B{b}", b, times, dtype=cfg.dtype, remat=cfg.remat)
 
 
 def bench_loader(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
@@ -228,46 +260,94 @@ def bench_loader(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any
     yield from bench_data(repeats=repeats, batch_size=b)
 
 
-def bench_memory(batches: Iterable[int], repeats: int) -> Iterable[dict[str, Any]]:
+def bench_memory(batches: Iterable[int], repeats: int,
+                 model_cfg: Optional[ModelConfig] = None) -> Iterable[dict[str, Any]]:
   """Per-device memory of the sharded MSC step over all devices (XLA's analysis of the compiled
   program; nothing runs), one case per global batch size. `repeats` is unused."""
   del repeats
-
+  cfg = model_cfg or TVR_MODEL
   mesh = make_data_mesh()
   schedule = warmup_linear_schedule(3e-4, 1000, 0.01)
   opt = bert_adam(schedule)
-  step = make_sharded_train_step(TVR_MODEL, LossConfig(), opt, mesh, schedule)
-  state = jax.eval_shape(lambda k: create_train_state(init_params(TVR_MODEL, k), opt), jax.random.key(0))
+  step = make_sharded_train_step(cfg, LossConfig(), opt, mesh, schedule)
+  state = jax.eval_shape(lambda k: create_train_state(init_params(cfg, k), opt), jax.random.key(0))
   for b in batches:
-    shapes = jax.eval_shape(lambda k, b=b: synthetic_batch(b, k, TVR_MODEL, CAPTIONS_PER_VIDEO, CAPTION_TOKENS),
+    shapes = jax.eval_shape(lambda k, b=b: synthetic_batch(b, k, cfg, CAPTIONS_PER_VIDEO, CAPTION_TOKENS),
                             jax.random.key(1))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh)),
                           shapes)
     start = time.perf_counter()
     memory = step.lower(state, shapes, jax.random.key(2), jnp.asarray(False)).compile().memory_analysis()
     yield dict(bench="memory", case=f"msc_step_B{b}_devices{mesh.devices.size}", items=b,
-               devices=int(mesh.devices.size), temp_mb=memory.temp_size_in_bytes / 2**20,
+               devices=int(mesh.devices.size), dtype=cfg.dtype, remat=cfg.remat,
+               temp_mb=memory.temp_size_in_bytes / 2**20,
                argument_mb=memory.argument_size_in_bytes / 2**20,
                output_mb=memory.output_size_in_bytes / 2**20,
                compile_s=time.perf_counter() - start)
+
+
+def golden_parity_record(path: str) -> dict[str, Any]:
+  """Golden parity in float32 on the default backend (`golden_parity.run_parity`) as one record:
+  `ok`, `compared`, `failed` keys, `seconds`; ok None when `path` is '' (skipped)."""
+  rec: dict[str, Any] = dict(bench="accel", case="golden_parity_f32", items=0, golden=path)
+  if not path:
+    return dict(rec, ok=None, note="skipped: --golden ''")
+  start = time.perf_counter()
+  try:
+    rows = run_parity(path)
+  except ParityError as e:
+    return dict(rec, ok=False, note=str(e))
+  failed = [r.key for r in rows if r.ok is False]
+  compared = sum(r.ok is not None for r in rows)
+  return dict(rec, ok=not failed and compared > 0, compared=compared, failed=failed,
+              skipped=sum(r.ok is None for r in rows), seconds=time.perf_counter() - start)
+
+
+def bench_accel(batches: Iterable[int], repeats: int, golden: str, eval_videos: int,
+                eval_queries: int) -> Iterable[dict[str, Any]]:
+  """The prepared device check: golden parity (float32), a large matmul per dtype (the peak the
+  step fractions refer to), the TVR-shaped MSC train step per batch in bfloat16 and float32, and
+  the eval bench. Every record has bench 'accel'."""
+  yield golden_parity_record(golden)
+  # 2048 saturates a CPU; an accelerator needs a larger product to approach its peak.
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  rates = {d: matmul_rate(n=n, dtype=d) for d in ("float32", "bfloat16")}
+  for d, rate in rates.items():
+    yield dict(bench="accel", case=f"matmul_{n}_{d}", items=0, median_s=2.0 * n ** 3 / rate,
+               flops_per_s=rate, dtype=d)
+  for b in batches:
+    # bfloat16 first: the device's peak_bytes_in_use is the process's peak so far, so each
+    # case must need more than those before it for its peak to be its own.
+    for d in ("bfloat16", "float32"):
+      cfg = dataclasses.replace(TVR_MODEL, dtype=d)
+      yield dict(step_case(f"msc_B{b}_{d}", b, LossConfig(), cfg, repeats, rates[d]), bench="accel")
+  for rec in bench_eval(eval_videos, eval_queries, repeats, TVR_MODEL):
+    yield dict(rec, bench="accel", case=f"eval_{rec['case']}")
 
 
 BENCHES = {"tome": bench_tome, "loss": bench_loss, "step": bench_step, "block": bench_block,
            "data": bench_loader, "memory": bench_memory}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m prvr_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("bench", choices=sorted(BENCHES) + ["eval", "search", "serve", "all"])
-  parser.add_argument("--batch", default="8,32,128", help="comma-separated videos per batch")
+  parser.add_argument("bench", choices=sorted(BENCHES) + ["accel", "eval", "search", "serve", "all"])
+  parser.add_argument("--batch", default=None,
+                      help="comma-separated videos per batch (8,32,128; accel: 32,128)")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (after warm-up)")
   parser.add_argument("--out", help="also append the JSON lines to this file")
   parser.add_argument("--videos", default=None,
                       help="eval, serve: corpus videos (500); search: comma-separated collection sizes "
                            "(10000,100000)")
   parser.add_argument("--queries", type=int, default=2500, help="eval: queries")
-  parser.add_argument("--dtype", default="int8", help="search: token store dtype")
+  parser.add_argument("--store-dtype", default="int8", help="search: token store dtype")
+  parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
+                      help="step, block, memory: the model's compute dtype")
+  parser.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none",
+                      help="step, block, memory: rematerialise every attention block")
+  parser.add_argument("--golden", default=DEFAULT_GOLDEN,
+                      help="accel: the golden file of the parity check ('' skips it)")
   parser.add_argument("--nprobe", default=None, help="search: comma-separated IVF cells visited")
   parser.add_argument("--candidates", default=None,
                       help="search: comma-separated videos per branch re-scored")
@@ -281,7 +361,13 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--per-client", type=int, default=50, help="serve: queries per client")
   parser.add_argument("--text-tower", choices=("l14", "tiny"), default="l14",
                       help="serve: CLIP text tower shape (random weights)")
+  return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = _parser()
   args = parser.parse_args(argv)
+  args.batch = args.batch or ("32,128" if args.bench == "accel" else "8,32,128")
   try:
     batches = [int(b) for b in args.batch.split(",") if b]
   except ValueError:
@@ -309,12 +395,17 @@ def main(argv: Optional[list[str]] = None) -> int:
       elif name == "search":
         knobs = [(p or ann_lib.DEFAULT_NPROBE, c or ann_lib.DEFAULT_CANDIDATES)
                  for p in nprobes for c in candidates]
-        records = bench_search(sizes, args.repeats, dtype=args.dtype, knobs=knobs,
+        records = bench_search(sizes, args.repeats, dtype=args.store_dtype, knobs=knobs,
                                workdir=args.workdir, cache=args.cache,
                                base_videos=args.base_videos)
       elif name == "serve":
         records = bench_serve(sizes[0], args.clients, args.per_client, args.repeats,
                               args.text_tower)
+      elif name == "accel":
+        records = bench_accel(batches, args.repeats, args.golden, sizes[0], args.queries)
+      elif name in ("step", "block", "memory"):
+        model_cfg = dataclasses.replace(TVR_MODEL, dtype=args.dtype, remat=args.remat)
+        records = BENCHES[name](batches, args.repeats, model_cfg)
       else:
         records = BENCHES[name](batches, args.repeats)
       for rec in records:

@@ -36,7 +36,7 @@ from prvr_jax.errors import ConfigError
 from prvr_jax.eval.config import EvalConfig
 from prvr_jax.losses.config import LossConfig
 from prvr_jax.models import caption_tower as caption_tower_lib
-from prvr_jax.models.config import ModelConfig
+from prvr_jax.models.config import RESOLVED_FIELDS, ModelConfig
 from prvr_jax.models.msc import init_params
 from prvr_jax.train import checkpoint
 from prvr_jax.train.config import OptimConfig, TextTowerConfig, TrainConfig
@@ -45,6 +45,8 @@ from prvr_jax.train.optim import warmup_linear_schedule
 from prvr_jax.train.step import TrainState, create_train_state
 from prvr_jax.utils.config import section_dict
 
+# config.json's record of where the run computed (`runtime_info`): written, never read as config.
+RUNTIME_KEY = "runtime"
 # config.<section> -> its dataclass.
 SECTIONS: dict[str, type] = dict(data=DataConfig, model=ModelConfig, loss=LossConfig,
                                  optim=OptimConfig, train=TrainConfig, eval=EvalConfig,
@@ -64,6 +66,11 @@ class RunConfig:
   eval: EvalConfig = EvalConfig()
   text_tower: TextTowerConfig = TextTowerConfig()
 
+  def __post_init__(self):
+    # The model's remat is the one `train.remat` names, however the sections were put together.
+    if self.model.remat != self.train.remat:
+      object.__setattr__(self, "model", dataclasses.replace(self.model, remat=self.train.remat))
+
   @classmethod
   def from_config_dict(cls, config: Mapping[str, Any]) -> "RunConfig":
     """Builds and validates every section of `config` (a ConfigDict or a dict).
@@ -71,7 +78,7 @@ class RunConfig:
     Raises:
       ConfigError: an unknown section or key, or a value no section accepts.
     """
-    unknown = sorted(set(config) - {"seed", *SECTIONS})
+    unknown = sorted(set(config) - {"seed", RUNTIME_KEY, *SECTIONS})
     if unknown:
       raise ConfigError(f"unknown config sections: {unknown}")
     values: dict[str, Any] = {name: section.from_config_dict(config[name])
@@ -84,7 +91,7 @@ class RunConfig:
     """The config these sections came from (resolved values included): what config.json holds."""
     values: dict[str, Any] = dict(seed=self.seed)
     for name in SECTIONS:
-      exclude = ("caption_tower",) if name == "model" else ()
+      exclude = RESOLVED_FIELDS if name == "model" else ()
       values[name] = section_dict(getattr(self, name), exclude=exclude)
     return ml_collections.ConfigDict(values)
 
@@ -253,9 +260,43 @@ def trained_run(workdir: str) -> Run:
   return Run(workdir, dataclasses.replace(sections, model=model), "", parallel.make_data_mesh(), 0, 0)
 
 
+def runtime_info(model: ModelConfig) -> dict[str, Any]:
+  """Where and how a run computes: `backend`, `device_kind`, `device_count` (all processes),
+  `process_count`, the model's compute `dtype` and `remat`."""
+  devices = jax.devices()
+  return dict(backend=jax.default_backend(), device_kind=str(devices[0].device_kind),
+              device_count=len(devices), process_count=jax.process_count(), dtype=model.dtype,
+              remat=model.remat)
+
+
+def describe_runtime(info: Mapping[str, Any]) -> str:
+  """One line of `runtime_info`, printed at the start of every training run."""
+  return (f"prvr_jax: backend {info['backend']} ({info['device_kind']} x {info['device_count']}, "
+          f"{info['process_count']} process(es)), dtype {info['dtype']}, remat {info['remat']}")
+
+
+def compute_changes(run: Run) -> Optional[str]:
+  """One line naming the compute dtype / remat that differ from those of the config.json already
+  in the run's workdir (a resumed run), or None when none differs or there is no config.json.
+  Resuming works either way: parameters and optimizer state are float32 whatever the dtype."""
+  if not os.path.isfile(os.path.join(run.workdir, checkpoint.CONFIG_FILE)):
+    return None
+  before = RunConfig.from_config_dict(checkpoint.read_config(run.workdir))
+  changed = [f"{name}={new!r} (was {old!r})" for name, old, new in (
+      ("model.dtype", before.model.dtype, run.model.dtype),
+      ("train.remat", before.train.remat, run.train.remat)) if old != new]
+  if not changed:
+    return None
+  return (f"prvr_jax: resuming {run.workdir} with {', '.join(changed)}; parameters and optimizer "
+          "state are float32 either way")
+
+
 def write_config(run: Run) -> str:
-  """Writes the resolved config to `<workdir>/config.json` (what `load_trained` reads)."""
-  return checkpoint.write_config(run.config.to_config_dict(), run.workdir)
+  """Writes the resolved config to `<workdir>/config.json` (what `load_trained` reads), with a
+  `runtime` entry (`runtime_info`) that loading ignores."""
+  values = run.config.to_config_dict()
+  values[RUNTIME_KEY] = runtime_info(run.model)
+  return checkpoint.write_config(values, run.workdir)
 
 
 def make_optimizer(run: Run) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -53,3 +53,18 @@ def test_bench_entry_point_reexecs_with_malloc_tunables(opt_out, retain):
   assert record["machine"]["huge_page_malloc"] is (not opt_out)
   expected = "" if opt_out else (ALL if retain else "glibc.malloc.hugetlb=1")
   assert record["machine"]["malloc_tunables"] == expected
+
+
+def test_no_reexec_when_jax_will_run_on_an_accelerator(monkeypatch):
+  monkeypatch.setattr(host_memory, "_thp_available", lambda: True)
+  monkeypatch.setattr(host_memory.sys, "platform", "linux")
+  monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  monkeypatch.setattr(host_memory.importlib.util, "find_spec", lambda name: None)
+  assert host_memory.malloc_environment({"JAX_PLATFORMS": "cuda,cpu"}) is None
+  assert host_memory.malloc_environment({"JAX_PLATFORMS": "cpu"}) is not None
+  assert host_memory.malloc_environment({}) is not None
+  # JAX_PLATFORMS unset: an installed CUDA plugin makes the GPU the default backend.
+  monkeypatch.setattr(host_memory.importlib.util, "find_spec",
+                      lambda name: object() if name == "jax_cuda13_plugin" else None)
+  assert host_memory.malloc_environment({}) is None
+  assert host_memory.malloc_environment({"JAX_PLATFORMS": "cpu"}) is not None

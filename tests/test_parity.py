@@ -88,3 +88,15 @@ def test_bad_golden_files_are_clear_errors(tmp_path, capsys):
   np.savez(partial, **{"input/frames": np.zeros((3, 4), np.float32)})
   assert torch_msc.main(["--golden", str(partial)]) == 2
   assert "lacks required keys" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bfloat16_losses_within_3e_2_and_discrete_outputs_equal_on_public_golden():
+  from prvr_jax.convert import dtype_parity  # pylint: disable=import-outside-toplevel
+
+  result = dtype_parity.compare_dtypes(GOLDEN_PATH, "bfloat16")
+  assert {"total", "clip_nce", "frame_nce", "clip_trip", "frame_trip", "tcpl", "cbva"} <= set(result["losses"])
+  assert result["worst_rel"] <= 3e-2, result["losses"]
+  # bfloat16 is in effect (an ignored dtype would give float32's values exactly).
+  assert result["worst_rel"] > 1e-5
+  assert result["discrete"] and result["discrete_equal"], result["discrete"]

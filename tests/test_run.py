@@ -59,3 +59,55 @@ def test_unknown_keys_and_bad_values_are_config_errors():
     DataConfig(on_error="ignore")
   with pytest.raises(ConfigError, match="unknown optimizer 'sgd'"):
     RunConfig.from_config_dict({"optim": {"name": "sgd"}})
+
+
+def test_an_unknown_dtype_or_remat_stops_before_any_compilation(tmp_path, monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from prvr_jax.train import loop  # pylint: disable=import-outside-toplevel  (before the patch)
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError("compiled before the config was validated")
+
+  monkeypatch.setattr(jax, "jit", no_compile)
+  config = importlib.import_module("configs.synthetic").get_config()
+  config.model.dtype = "float16"
+  with pytest.raises(ConfigError, match=r"model.dtype must be one of \['bfloat16', 'float32'\], got 'float16'"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  config.model.dtype = "bfloat16"
+  config.train.remat = "everything"
+  with pytest.raises(ConfigError, match=r"train.remat must be one of \['blocks', 'none'\]"):
+    loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  with pytest.raises(ConfigError, match="config.model.remat is not a config key"):
+    RunConfig.from_config_dict({"model": {"remat": "blocks"}})
+
+
+def test_train_remat_reaches_the_model_config():
+  sections = RunConfig.from_config_dict({"train": {"remat": "blocks"}, "model": {"dtype": "bfloat16"}})
+  assert (sections.model.remat, sections.model.dtype) == ("blocks", "bfloat16")
+  assert "remat" not in sections.to_config_dict().model
+  assert sections.to_config_dict().train.remat == "blocks"
+
+
+def test_config_json_records_the_runtime_and_a_resume_with_other_compute_says_so(tmp_path):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from prvr_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+
+  shutil.copy(OLD_CONFIG, tmp_path / checkpoint.CONFIG_FILE)
+  run = trained_run(str(tmp_path))
+  assert run_lib.compute_changes(run) is None  # the old file has neither key: the defaults
+  run_lib.write_config(run)
+  written = json.loads((tmp_path / checkpoint.CONFIG_FILE).read_text())
+  runtime = written["runtime"]
+  assert set(runtime) == {"backend", "device_kind", "device_count", "process_count", "dtype", "remat"}
+  assert (runtime["dtype"], runtime["remat"], runtime["backend"]) == ("float32", "none", "cpu")
+  assert written["model"]["dtype"] == "float32" and written["train"]["remat"] == "none"
+  assert trained_run(str(tmp_path)).model == run.model  # the runtime entry does not stop loading
+  other = dataclasses.replace(run, config=dataclasses.replace(
+      run.config, model=dataclasses.replace(run.model, dtype="bfloat16"),
+      train=dataclasses.replace(run.train, remat="blocks")))
+  line = run_lib.compute_changes(other)
+  assert "\n" not in line
+  assert "model.dtype='bfloat16' (was 'float32')" in line and "train.remat='blocks' (was 'none')" in line
+  assert "backend cpu" in run_lib.describe_runtime(runtime)

@@ -11,8 +11,11 @@ from typing import Any, Mapping, Optional
 
 from prvr_jax.errors import ConfigError
 from prvr_jax.models.caption_tower import CaptionTowerConfig
+from prvr_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES
 from prvr_jax.utils.config import checked_kwargs
 
+# ModelConfig fields that are resolved from other sections, not keys of `config.model`.
+RESOLVED_FIELDS: tuple[str, ...] = ("caption_tower", "remat")
 # Widths of the Gaussian priors of DyGMM branches 1..7 (branch 0 has none), in the reference order.
 GAUSS_WIDTHS: tuple[float, ...] = (0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
 
@@ -40,6 +43,11 @@ class ModelConfig:
     caption_tower: None = queries are caption token features (the authors' setup); else the
       model runs this CLIP text tower on tokenised caption text (resolved from
       `config.text_tower` by the training loop, not a `config.model` key).
+    dtype: the encoders' compute dtype, 'float32' (the reference; golden parity) or 'bfloat16'
+      (activations and matmuls; parameters, optimizer state, LayerNorm statistics, softmax,
+      scores and losses stay float32).
+    remat: 'none' or 'blocks' (every attention block / DyGMM branch recomputed in the backward
+      pass); set from `config.train.remat` (RunConfig does it), not a `config.model` key.
   """
 
   hidden_size: int = 384
@@ -57,8 +65,14 @@ class ModelConfig:
   gauss_widths: tuple[float, ...] = GAUSS_WIDTHS
   use_op_tome: bool = True
   caption_tower: Optional[CaptionTowerConfig] = None
+  dtype: str = "float32"
+  remat: str = "none"
 
   def __post_init__(self):
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ConfigError(f"model.dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"train.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     if self.hidden_size % self.num_heads:
       raise ConfigError(
           f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads={self.num_heads}")
@@ -91,6 +105,8 @@ class ModelConfig:
     kwargs = checked_kwargs(cls, cfg, "model")
     if "caption_tower" in kwargs:
       raise ConfigError("config.model.caption_tower is not a config key: set config.text_tower.clip_dir")
+    if "remat" in kwargs:
+      raise ConfigError("config.model.remat is not a config key: set config.train.remat")
     if "gauss_widths" in kwargs:
       kwargs["gauss_widths"] = tuple(float(w) for w in kwargs["gauss_widths"])
     return cls(**kwargs)

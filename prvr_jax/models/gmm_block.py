@@ -11,7 +11,7 @@ import numpy as np
 
 from prvr_jax.models.dropout import Dropout
 from prvr_jax.models.layers import (MASKED_LOGIT_BIAS, FeedForward, Linear, LinearParams,
-                                    TransformerLayer, layer_norm, rows_dot)
+                                    layer_norm, rows_dot, softmax_f32, transformer_layer)
 
 
 class WeightTokenAttention(nn.Module):
@@ -34,11 +34,13 @@ class WeightTokenAttention(nn.Module):
     (N, K, D)."""
     if not isinstance(branches, (list, tuple)):
       branches = [branches[:, k] for k in range(branches.shape[1])]
+    dtype = branches[0].dtype  # the compute dtype; the token and weights are float32 params
+    token = token.astype(dtype)
     dim = token.shape[-1]
     heads, head_dim = self.num_heads, dim // self.num_heads
     q = Linear(dim, initializer_range=self.initializer_range, name="query")(token)
-    wk, bk = LinearParams(dim, dim, self.initializer_range, name="key")()
-    wv, bv = LinearParams(dim, dim, self.initializer_range, name="value")()
+    wk, bk = (p.astype(dtype) for p in LinearParams(dim, dim, self.initializer_range, name="key")())
+    wv, bv = (p.astype(dtype) for p in LinearParams(dim, dim, self.initializer_range, name="value")())
     q = q.reshape(heads, head_dim)
     key_dirs = jnp.einsum("ihd,hd->ih", wk.reshape(dim, heads, head_dim), q)  # (D, H)
     key_const = jnp.einsum("hd,hd->h", bk.reshape(heads, head_dim), q)  # (H,)
@@ -46,13 +48,13 @@ class WeightTokenAttention(nn.Module):
     # costs more on CPU than these small products.
     # `rows_dot` keeps key_dirs' gradient free of activation copies; only the small
     # (N, K, L, H) logits are transposed.
-    logits = jnp.stack([rows_dot(b, key_dirs) for b in branches], axis=1)
+    logits = jnp.stack([rows_dot(b, key_dirs) for b in branches], axis=1).astype(jnp.float32)
     logits = jnp.swapaxes(logits, -1, -2)  # (N, K, H, L)
-    logits = logits + key_const[:, None]
+    logits = logits + key_const[:, None].astype(jnp.float32)
     logits = logits / np.float32(np.sqrt(head_dim))
     if key_mask is not None:
       logits = logits + ((1.0 - key_mask) * MASKED_LOGIT_BIAS)[:, None, None, :]
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax_f32(logits, dtype)
     probs = Dropout(self.dropout)(probs, deterministic=deterministic)
     pooled = jnp.stack([jnp.einsum("nhl,nli->nhi", probs[:, k], b) for k, b in enumerate(branches)],
                        axis=1)  # (N, K, H, D)
@@ -60,10 +62,10 @@ class WeightTokenAttention(nn.Module):
     ctx = ctx + bv.reshape(heads, head_dim) * probs.sum(-1)[..., None]
     ctx = ctx.reshape(ctx.shape[:2] + (dim,))
     ctx = Dropout(self.dropout)(ctx, deterministic=deterministic)
-    x = layer_norm("norm1")(token + ctx)
+    x = layer_norm("norm1", dtype)(token + ctx)
     ffn = FeedForward(dim, self.dropout, self.initializer_range, name="ffn")(x, deterministic)
     ffn = Dropout(self.dropout)(ffn, deterministic=deterministic)
-    return layer_norm("norm2")(x + ffn)
+    return layer_norm("norm2", dtype)(x + ffn)
 
 
 class DyGMMBlock(nn.Module):
@@ -83,6 +85,7 @@ class DyGMMBlock(nn.Module):
   sft_factor: float
   gauss_widths: Sequence[float]
   initializer_range: float = 0.02
+  remat: str = "none"  # 'blocks': each branch rematerialised (see layers.transformer_layer)
 
   @nn.compact
   def __call__(self, x: jax.Array, weight_token: jax.Array, key_mask: Optional[jax.Array] = None,
@@ -91,9 +94,10 @@ class DyGMMBlock(nn.Module):
     if x.shape[1] != self.length:
       raise ValueError(f"DyGMMBlock built for length {self.length} got {x.shape[1]} tokens")
     widths = (None,) + tuple(self.gauss_widths)
+    layer = transformer_layer(self.remat)
     outs = [
-        TransformerLayer(self.num_heads, self.dropout, w, initializer_range=self.initializer_range,
-                         name=f"branch{k}")(x, key_mask, key_log_size, deterministic=deterministic)
+        layer(self.num_heads, self.dropout, w, initializer_range=self.initializer_range,
+              name=f"branch{k}")(x, key_mask, key_log_size, deterministic)
         for k, w in enumerate(widths)
     ]
     if self.is_mutable_collection("intermediates"):
@@ -105,7 +109,9 @@ class DyGMMBlock(nn.Module):
     h = Dropout(self.dropout)(h, deterministic=deterministic)
     mix_logits = Linear(self.length, initializer_range=self.initializer_range, name="mixer2")(h)
     self.sow("intermediates", "mix_logits", mix_logits)  # (N, K, L)
-    weights = jax.nn.softmax(jnp.swapaxes(mix_logits, 1, 2) / self.sft_factor, axis=-1)  # (N, L, K)
+    # The branch weights in float32, then in the compute dtype for the weighted sum.
+    weights = softmax_f32(jnp.swapaxes(mix_logits, 1, 2).astype(jnp.float32) / self.sft_factor,
+                          x.dtype)  # (N, L, K)
     mixed = weights[..., 0, None] * outs[0]
     for k in range(1, len(outs)):
       mixed = mixed + weights[..., k, None] * outs[k]

@@ -7,7 +7,7 @@ biases 0, LayerNorm (1, 0), as the reference's `reset_parameters` does.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from prvr_jax.models.dropout import Dropout
+from prvr_jax.models.norms import LayerNorm, softmax_f32
 
 LAYER_NORM_EPS = 1e-5
+# The compute dtypes `config.model.dtype` may name. Parameters are float32 either way.
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Additive logit bias of masked keys; the reference uses -1e4, not -inf, and parity depends on it.
 MASKED_LOGIT_BIAS = -10000.0
 
@@ -48,9 +51,10 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", normal_init(self.initializer_range), (x.shape[-1], self.features))
-    y = rows_dot(x, kernel)
+    # The compute dtype follows the activations: float32 master weights, cast per use.
+    y = rows_dot(x, kernel.astype(x.dtype))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
     return y
 
 
@@ -72,23 +76,26 @@ class LinearParams(nn.Module):
     return kernel, bias
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, name=name)
+def layer_norm(name: str, dtype: Any = jnp.float32) -> LayerNorm:
+  """LayerNorm (statistics in float32) whose output is `dtype`; see models/norms.py."""
+  return LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
 
 
 class InputProjection(nn.Module):
   """The reference `LinearLayer`: LayerNorm(in) -> dropout -> Linear(in, D) -> ReLU.
 
-  (..., in) -> (..., features).
+  (..., in) float32 -> (..., features) in `dtype`, the encoder's compute dtype: the LayerNorm
+  reads the float32 inputs and emits `dtype`, and every later layer follows its input's dtype.
   """
 
   features: int
   dropout: float
   initializer_range: float = 0.02
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    x = layer_norm("layer_norm")(x)
+    x = layer_norm("layer_norm", self.dtype)(x)
     x = Dropout(self.dropout)(x, deterministic=deterministic)
     x = Linear(self.features, initializer_range=self.initializer_range, name="linear")(x)
     return nn.relu(x)
@@ -110,7 +117,7 @@ class PositionalEmbedding(nn.Module):
     if length > self.max_len:
       raise ValueError(f"sequence length {length} exceeds the positional table size {self.max_len}")
     table = self.param("embedding", normal_init(self.initializer_range), (self.max_len, dim))
-    x = layer_norm("layer_norm")(x + table[:length])
+    x = layer_norm("layer_norm", x.dtype)(x + table[:length].astype(x.dtype))
     return Dropout(self.dropout)(x, deterministic=deterministic)
 
 
@@ -151,14 +158,17 @@ class MultiHeadAttention(nn.Module):
     # head transposes into the two attention dots and runs them 2-2.5x slower.
     heads = lambda t: jnp.transpose(t.reshape(n, length, self.num_heads, head_dim), (0, 2, 1, 3))
     q, k, v = heads(proj("query")(x)), heads(proj("key")(x)), heads(proj("value")(x))
-    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) / np.float32(np.sqrt(head_dim))
+    # Logits accumulate and stay float32 (prior, masks, softmax); only q, k, v and the
+    # probabilities fed to the second product are in the compute dtype.
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+    logits = logits / np.float32(np.sqrt(head_dim))
     if self.gauss_width is not None:
       logits = logits * jnp.asarray(gaussian_prior(length, self.gauss_width))
     if key_mask is not None:
       logits = logits + ((1.0 - key_mask) * MASKED_LOGIT_BIAS)[:, None, None, :]
     if key_log_size is not None:
       logits = logits + key_log_size[:, None, None, :]
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax_f32(logits, x.dtype)
     probs = Dropout(self.dropout)(probs, deterministic=deterministic)
     ctx = jnp.matmul(probs, v)  # (N, H, L, d_h)
     return jnp.transpose(ctx, (0, 2, 1, 3)).reshape(n, length, dim)
@@ -192,13 +202,41 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: Optional[jax.Array] = None,
-               key_log_size: Optional[jax.Array] = None, *, deterministic: bool) -> jax.Array:
+               key_log_size: Optional[jax.Array] = None,
+               deterministic: Optional[bool] = None) -> jax.Array:
+    # `deterministic` may come positionally: the rematerialised form (`transformer_layer`) takes
+    # it as a static positional argument, since jax.checkpoint would trace a keyword one.
+    if deterministic is None:
+      raise TypeError("TransformerLayer needs deterministic=True or False")
     att = MultiHeadAttention(self.num_heads, self.dropout, self.gauss_width,
                              self.initializer_range, name="attention")(
                                  x, key_mask, key_log_size, deterministic)
     att = Dropout(self.dropout)(att, deterministic=deterministic)
-    x = layer_norm("norm1")(x + att)
+    x = layer_norm("norm1", x.dtype)(x + att)
     ffn = FeedForward(self.ffn_multiplier * x.shape[-1], self.dropout, self.initializer_range,
                       name="ffn")(x, deterministic)
     ffn = Dropout(self.dropout)(ffn, deterministic=deterministic)
-    return layer_norm("norm2")(x + ffn)
+    return layer_norm("norm2", x.dtype)(x + ffn)
+
+
+# The remat policy of `config.train.remat = "blocks"`: nothing inside a block is saved for the
+# backward pass, only its inputs; the block's forward pass runs again during the backward. Why
+# not `dots_with_no_batch_dims_saveable`: the 2-D Linear products (q, k, v, the 4D-wide FFN
+# hidden layer) are most of a block's activations, so saving them would keep most of the memory
+# that remat is there to free; the recomputation costs about one more forward pass per block.
+REMAT_POLICIES: dict[str, Any] = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveable}
+
+
+def transformer_layer(remat: str) -> type:
+  """TransformerLayer, or (remat 'blocks') the same layer rematerialised under
+  `REMAT_POLICIES['blocks']`: equal parameters, outputs and gradients, less saved memory.
+
+  Call the rematerialised form with every argument positional: (x, key_mask, key_log_size,
+  deterministic), shapes as `TransformerLayer`.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+  if remat == "none":
+    return TransformerLayer
+  # Argument 0 is the module itself, so `deterministic` is 4.
+  return nn.remat(TransformerLayer, static_argnums=(4,), policy=REMAT_POLICIES[remat])

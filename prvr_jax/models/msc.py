@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from prvr_jax.models.caption_tower import CaptionTower, caption_rows
 from prvr_jax.models.config import ModelConfig
 from prvr_jax.models.gmm_block import DyGMMBlock
-from prvr_jax.models.layers import InputProjection, Linear, PositionalEmbedding, TransformerLayer
+from prvr_jax.models.layers import (COMPUTE_DTYPES, InputProjection, Linear, PositionalEmbedding,
+                                    transformer_layer)
 from prvr_jax.ops.similarity import training_scores
 
 # mask_logits' fill value for padded tokens in attention pooling (reference: -1e10).
@@ -25,6 +26,9 @@ class MSCNet(nn.Module):
   merge sizes (proportional attention), frames the 128 L2-normalised resampled rows with a mask,
   queries the L2-normalised CLIP token features with a mask, or (with `config.caption_tower`)
   tokenised caption text that the model's own CLIP text tower turns into those features.
+
+  The encoders compute in `config.dtype` (float32 parameters, cast per use); every output is
+  float32, so the score matrices, losses and CBVA's closure-ratio decisions are float32 always.
   """
 
   config: ModelConfig
@@ -32,18 +36,19 @@ class MSCNet(nn.Module):
   def setup(self):
     c = self.config
     init = c.initializer_range
-    self.query_input_proj = InputProjection(c.hidden_size, c.input_dropout, init)
+    dtype = COMPUTE_DTYPES[c.dtype]
+    self.query_input_proj = InputProjection(c.hidden_size, c.input_dropout, init, dtype)
     self.query_pos_embed = PositionalEmbedding(c.max_desc_len, c.input_dropout, init)
-    self.query_encoder = TransformerLayer(c.num_heads, c.dropout, initializer_range=init)
+    self.query_encoder = transformer_layer(c.remat)(c.num_heads, c.dropout, initializer_range=init)
     self.query_pool = Linear(1, use_bias=False, initializer_range=init)
-    self.clip_input_proj = InputProjection(c.hidden_size, c.input_dropout, init)
+    self.clip_input_proj = InputProjection(c.hidden_size, c.input_dropout, init, dtype)
     self.clip_pos_embed = PositionalEmbedding(c.max_ctx_len, c.input_dropout, init)
     self.clip_encoder = DyGMMBlock(c.num_clips, c.num_heads, c.dropout, c.sft_factor,
-                                   c.gauss_widths, init)
-    self.frame_input_proj = InputProjection(c.hidden_size, c.input_dropout, init)
+                                   c.gauss_widths, init, c.remat)
+    self.frame_input_proj = InputProjection(c.hidden_size, c.input_dropout, init, dtype)
     self.frame_pos_embed = PositionalEmbedding(c.max_ctx_len, c.input_dropout, init)
     self.frame_encoder = DyGMMBlock(c.num_frames, c.num_heads, c.dropout, c.sft_factor,
-                                    c.gauss_widths, init)
+                                    c.gauss_widths, init, c.remat)
     # The reference creates it with torch.randn and never re-initialises it: N(0, 1).
     self.weight_token = self.param("weight_token", nn.initializers.normal(1.0), (c.hidden_size,))
     self.vproj_clip = Linear(c.hidden_size, initializer_range=init)
@@ -92,10 +97,13 @@ class MSCNet(nn.Module):
 
   def encode_query(self, text_feat: jax.Array, text_mask: jax.Array,
                    deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """text_feat: (Q, L, D_t), text_mask: (Q, L) -> (pooled (Q, D), token states (Q, L, D))."""
+    """text_feat: (Q, L, D_t), text_mask: (Q, L) -> (pooled (Q, D), token states (Q, L, D)),
+    both float32."""
     x = self.query_input_proj(text_feat, deterministic)
     x = self.query_pos_embed(x, deterministic)
-    x = self.query_encoder(x, text_mask, deterministic=deterministic)
+    x = self.query_encoder(x, text_mask, None, deterministic)
+    # Pooling in float32: its -1e10 fill and softmax are not for bfloat16.
+    x = x.astype(jnp.float32)
     logits = self.query_pool(x)[..., 0]
     logits = logits * text_mask + (1.0 - text_mask) * POOL_MASK_FILL
     weights = jax.nn.softmax(logits, axis=-1)
@@ -103,19 +111,20 @@ class MSCNet(nn.Module):
 
   def encode_clips(self, clip_feat: jax.Array, merge_size: jax.Array,
                    deterministic: bool = True) -> jax.Array:
-    """clip_feat: (B, K, D_v) normalised OP-ToMe tokens, merge_size: (B, K) -> (B, K, D)."""
+    """clip_feat: (B, K, D_v) normalised OP-ToMe tokens, merge_size: (B, K) -> (B, K, D) float32."""
     x = self.clip_input_proj(clip_feat, deterministic)
     x = self.clip_pos_embed(x, deterministic)
-    return self.clip_encoder(x, self.weight_token, None, jnp.log(merge_size),
-                             deterministic=deterministic)
+    x = self.clip_encoder(x, self.weight_token, None, jnp.log(merge_size),
+                          deterministic=deterministic)
+    return x.astype(jnp.float32)
 
   def encode_frames(self, frame_feat: jax.Array, frame_mask: jax.Array,
                     deterministic: bool = True) -> jax.Array:
-    """frame_feat: (B, F, D_v), frame_mask: (B, F) -> (B, F, D), zero at masked frames."""
+    """frame_feat: (B, F, D_v), frame_mask: (B, F) -> (B, F, D) float32, zero at masked frames."""
     x = self.frame_input_proj(frame_feat, deterministic)
     x = self.frame_pos_embed(x, deterministic)
     x = self.frame_encoder(x, self.weight_token, frame_mask, None, deterministic=deterministic)
-    return jnp.where(frame_mask[..., None] == 1.0, x, 0.0)
+    return jnp.where(frame_mask[..., None] == 1.0, x.astype(jnp.float32), 0.0)
 
   def project_for_alignment(self, tokens: jax.Array) -> jax.Array:
     """The CBVA head `vproj_clip`. (..., D) -> (..., D)."""

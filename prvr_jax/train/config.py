@@ -6,6 +6,7 @@ import dataclasses
 
 from prvr_jax.errors import ConfigError
 from prvr_jax.models.caption_tower import FEATURES as TEXT_TOWER_FEATURES
+from prvr_jax.models.layers import REMAT_POLICIES
 from prvr_jax.utils.config import Section
 
 OPTIMIZERS = ("bert_adam", "adamw")
@@ -26,6 +27,9 @@ class TrainConfig(Section):
     checkpoint_every: steps between checkpoints (0 = at every evaluation only); a checkpoint is
       also written at every evaluation, at the end and on SIGTERM.
     keep_checkpoints: latest checkpoints kept (the best by val SumR is kept besides).
+    remat: 'none' or 'blocks': every attention block / DyGMM branch is recomputed in the
+      backward pass instead of keeping its activations (less memory, about one more forward
+      pass of time; same losses and gradients). See models/layers.py `REMAT_POLICIES`.
   """
 
   SECTION = "train"
@@ -37,8 +41,11 @@ class TrainConfig(Section):
   log_every: int = 50
   checkpoint_every: int = 0
   keep_checkpoints: int = 2
+  remat: str = "none"
 
   def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"train.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     for key in ("num_epochs", "log_every"):
       if getattr(self, key) < 1:
         raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")

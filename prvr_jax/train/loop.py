@@ -25,7 +25,7 @@ from prvr_jax import parallel
 from prvr_jax.data import pipeline
 from prvr_jax.errors import PrvrError
 from prvr_jax.run import Run, RunConfig, abstract_state, initial_state, is_chief, make_optimizer
-from prvr_jax.run import resolve_run, write_config
+from prvr_jax.run import compute_changes, describe_runtime, resolve_run, runtime_info, write_config
 from prvr_jax.train import checkpoint, report
 from prvr_jax.train.metrics_log import MetricsLog
 from prvr_jax.train.sharded_step import make_sharded_train_step
@@ -220,6 +220,10 @@ def train_and_evaluate(config: Mapping[str, Any] | RunConfig, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   run = resolve_run(config, workdir)
   if is_chief():
+    print(describe_runtime(runtime_info(run.model)), flush=True)
+    changes = compute_changes(run)
+    if changes:
+      print(changes, flush=True)
     write_config(run)
   training = _Training(run)
   start_time, start_step = time.time(), training.step

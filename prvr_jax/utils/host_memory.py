@@ -22,10 +22,16 @@ with one arena every thread (the data loader's too) shares one malloc lock, and 
 demo ran 0.70 -> 1.16 s per step; the process also keeps its peak heap until it exits. Use it for
 large-batch training on CPU. Tunables the user has set are kept as they are;
 PRVR_JAX_HUGE_PAGES=0 opts out of all of it.
+
+On a GPU or TPU run (JAX_PLATFORMS names another platform first, or, unset, a CUDA / ROCm / TPU
+plugin is installed) there is no re-exec: the temporaries then live in device memory, so the
+host tunables would change nothing worth a second process start. Decided without importing JAX,
+which must not be imported before the re-exec.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -40,6 +46,18 @@ _RETAIN_HEAP = (
     ("glibc.malloc.trim_threshold", str(2 ** 46)),
 )
 _OPT_OUT = "PRVR_JAX_HUGE_PAGES"
+# Modules whose presence makes an accelerator JAX's default backend (JAX_PLATFORMS unset).
+_ACCELERATOR_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin",
+                        "jax_rocm60_plugin", "libtpu")
+
+
+def accelerator_expected(environ: Mapping[str, str]) -> bool:
+  """Whether JAX will run on a GPU / TPU: JAX_PLATFORMS' first entry when set, else whether an
+  accelerator plugin is installed. Does not import JAX."""
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return platforms[0] != "cpu"
+  return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
 
 
 def _thp_available() -> bool:
@@ -61,9 +79,10 @@ def malloc_environment(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
   Returns:
     a copy of `environ` with every tunable (`_HUGE_PAGES`, plus `_RETAIN_HEAP` when
     PRVR_JAX_RETAIN_HEAP=1) that GLIBC_TUNABLES lacks appended, or None when none is missing,
-    the user opted out, or it does not apply (not Linux with glibc and transparent huge pages).
+    the user opted out, or it does not apply (not Linux with glibc and transparent huge pages,
+    or an accelerator run: `accelerator_expected`).
   """
-  if environ.get(_OPT_OUT, "1") == "0":
+  if environ.get(_OPT_OUT, "1") == "0" or accelerator_expected(environ):
     return None
   current = environ.get("GLIBC_TUNABLES", "")
   present = {item.split("=", 1)[0] for item in current.split(":") if item}
