@@ -30,9 +30,7 @@ def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-  mean, rstd = _stats(x, eps)
-  y = (x.astype(jnp.float32) - mean) * (scale * rstd) + bias
-  return y.astype(x.dtype)
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
