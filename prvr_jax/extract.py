@@ -1,9 +1,9 @@
 """CLIP feature extraction from raw videos and caption files, in the authors' HDF5 layout.
 
   python -m prvr_jax.extract videos --clip DIR --videos DIR_OR_LISTFILE --fps F --out FILE.h5 \\
-      [--batch 64] [--max-items N] [--precision highest|default]
+      [--batch 64] [--max-items N] [--precision highest|default] [--dtype float32|bfloat16]
   python -m prvr_jax.extract captions --clip DIR --captions FILE.caption.txt --out FILE.h5 \\
-      [--batch 256] [--text-features projected|hidden] [--max-items N]
+      [--batch 256] [--text-features projected|hidden] [--max-items N] [--dtype ...]
 
 --clip is a local Hugging Face CLIPModel directory (config.json + model.safetensors, or a sharded
 index). Videos: one (T, P) float32 dataset per video id (file stem), T = ceil(duration * fps),
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--max-items", type=int, default=None, help="only the first N items")
   common.add_argument("--precision", choices=("highest", "default"), default="highest",
                       help="float32 matmul precision: highest (as PyTorch) or the backend default")
+  common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="the tower's compute dtype (float32 parameters; features are stored "
+                           "as float32 either way, and a resumed file keeps one dtype)")
   common.add_argument("--quiet", action="store_true", help="no progress bar")
   v = sub.add_parser("videos", parents=[common], help="frame embeddings of video files")
   v.add_argument("--videos", required=True, help="directory of videos, or a file listing them")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace):
     raise ExtractError(f"--max-items must be > 0, got {args.max_items}")
   towers = ("vision",) if args.command == "videos" else ("text",)
   config, params = load_clip(args.clip, towers=towers)
-  encoders = ClipEncoders(config, precision=args.precision)
+  encoders = ClipEncoders(config, precision=args.precision, dtype=args.dtype)
   info = {"clip_checkpoint": str(args.clip)}
   if args.command == "videos":
     return extract_videos(encoders, params, args.videos, args.fps, args.out, batch=args.batch,

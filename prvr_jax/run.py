@@ -163,13 +163,17 @@ def resolve_caption_tower(sections: RunConfig, info: pipeline.SplitInfo,
       raise ConfigError(f"{os.path.join(workdir, caption_tower_lib.WORKDIR_FILE)}: this workdir's "
                         f"run was built with another caption tower: {', '.join(changed)}; use a "
                         "new workdir")
+    if t.dtype != kept.dtype:  # compute only: the tower's parameters are float32 either way
+      logging.info("text_tower.dtype is %s (the run so far used %s)", t.dtype, kept.dtype)
+      kept = dataclasses.replace(kept, dtype=t.dtype)
     return kept
   clip = read_clip_config(t.clip_dir)
   return caption_tower_lib.CaptionTowerConfig(
       text=clip.text, projection_dim=clip.projection_dim, features=t.features,
       trainable_blocks=int(t.trainable_blocks),
       max_query_tokens=pipeline.resolve_max_tokens(info, sections.data.max_caption_tokens),
-      truncate_keep_eos=sections.data.truncate_keep_eos, source=os.path.abspath(t.clip_dir))
+      truncate_keep_eos=sections.data.truncate_keep_eos, source=os.path.abspath(t.clip_dir),
+      dtype=t.dtype)
 
 
 def resolve_model_config(model: ModelConfig, info: pipeline.SplitInfo,

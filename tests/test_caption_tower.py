@@ -125,6 +125,29 @@ def test_frozen_tower_equals_extracted_token_features(clip_dir, extracted, featu
     np.testing.assert_allclose(teacher_file[1], last, atol=1e-6)
 
 
+@pytest.mark.parametrize("trainable_blocks", [0, 1])
+def test_bfloat16_tower_gives_float32_rows_close_to_float32(clip_dir, trainable_blocks):
+  """`text_tower.dtype = bfloat16`: the same query features and teacher to bfloat16 resolution,
+  float32 out (the query encoder and TCPL see float32 either way)."""
+  tower = tower_config(clip_dir, "projected", trainable_blocks)
+  inputs = tokenized(TEXTS, tower)
+  outs = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = model_config(dataclasses.replace(tower, dtype=dtype))
+    params = params_with_tower(cfg, clip_dir)
+    rows, teacher = MSCNet(cfg).apply({"params": params}, inputs, method=MSCNet.encode_captions)
+    tower_rows = ct.CaptionTower(cfg.caption_tower).apply(
+        {"params": params[ct.PARAMS_KEY]}, inputs["caption_ids"], inputs["caption_id_mask"])
+    assert all(np.asarray(a).dtype == np.float32 for a in (rows, teacher, *tower_rows))
+    outs[dtype] = [np.asarray(a) for a in (rows, teacher, *tower_rows)]
+  for a, b in zip(outs["float32"], outs["bfloat16"]):
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    keep = np.linalg.norm(a, axis=-1) > 0  # padded rows are zero in both
+    cos = np.sum(a * b, -1)[keep] / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))[keep]
+    assert cos.min() > 0.99, cos.min()
+    assert not np.array_equal(a, b)
+
+
 def test_frozen_tower_has_no_gradient_and_no_update(clip_dir):
   tower = tower_config(clip_dir)
   cfg = model_config(tower)
@@ -208,6 +231,11 @@ def test_config_errors_name_the_setting(clip_dir):
     tower_config(clip_dir, trainable_blocks=3)
   with pytest.raises(ValueError, match=r"features must be one of"):
     tower_config(clip_dir, features="pooled")
+  with pytest.raises(ValueError, match=r"text_tower.dtype must be one of \['bfloat16', 'float32'\]"):
+    dataclasses.replace(tower_config(clip_dir), dtype="float16")
+  from prvr_jax.train.config import TextTowerConfig  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"text_tower.dtype must be one of"):
+    TextTowerConfig(dtype="half")
   with pytest.raises(ValueError, match=r"query_input_size=16 but the CLIP text tower .* gives 8-d"):
     model_config(tower_config(clip_dir), width=16)
   cfg = model_config(tower_config(clip_dir))
@@ -220,6 +248,10 @@ def test_config_errors_name_the_setting(clip_dir):
     ct.load_tower_params(clip_dir, other)
   assert ct.CaptionTowerConfig.from_dict(json.loads(json.dumps(cfg.caption_tower.to_dict()))) == \
       cfg.caption_tower
+  # A caption_tower.json written before the dtype existed reads as float32.
+  old = cfg.caption_tower.to_dict()
+  del old["dtype"]
+  assert ct.CaptionTowerConfig.from_dict(old).dtype == "float32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,3 +359,21 @@ def test_training_with_a_trainable_tower_then_search(clip_dir, tmp_path, capsys)
   assert [h["rank"] for h in hits] == [1, 2] and hits[0]["score"] >= hits[1]["score"]
   assert cli.main(["query", "--index", str(index), "--clip", str(clip_dir), "a cup"]) == 2
   assert "runs its own CLIP text tower" in capsys.readouterr().err
+
+
+def test_resumed_run_may_change_the_tower_dtype_but_not_its_shape(clip_dir, tmp_path, caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+
+  from prvr_jax.run import resolve_caption_tower  # pylint: disable=import-outside-toplevel
+  from prvr_jax.train.config import TextTowerConfig  # pylint: disable=import-outside-toplevel
+
+  ct.write_to_workdir(tower_config(clip_dir), tmp_path)
+  sections = types.SimpleNamespace(text_tower=TextTowerConfig(clip_dir=str(clip_dir), dtype="bfloat16"))
+  with caplog.at_level(logging.INFO):
+    kept = resolve_caption_tower(sections, None, str(tmp_path))
+  assert kept.dtype == "bfloat16" and kept.text == tower_config(clip_dir).text
+  assert "text_tower.dtype is bfloat16 (the run so far used float32)" in caplog.text
+  sections.text_tower = TextTowerConfig(clip_dir=str(clip_dir), features="hidden")
+  with pytest.raises(ValueError, match="another caption tower: text_tower.features='hidden'"):
+    resolve_caption_tower(sections, None, str(tmp_path))

@@ -251,3 +251,24 @@ def test_center_crop_rounds_like_torchvision():
   # (35 - 32) / 2 = 1.5 rounds to 2 (torchvision, original CLIP); transformers would floor to 1.
   image = np.arange(35 * 32).reshape(35, 32, 1)
   assert preprocess.center_crop(image, 32)[0, 0, 0] == 2 * 32
+
+
+def test_bfloat16_towers_give_float32_outputs_close_to_float32(tmp_path):
+  """The towers' `dtype`: bfloat16 compute, float32 parameters and outputs, the same embeddings
+  to bfloat16 resolution; an unknown dtype is one clear error."""
+  write_checkpoint(tmp_path / "clip", hf_config(TINY["quick_gelu"]))
+  config, params = load_clip(tmp_path / "clip")
+  ids, mask = _text_inputs()
+  images = np.random.RandomState(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  f32, bf16 = ClipEncoders(config), ClipEncoders(config, dtype="bfloat16")
+  for out, out16 in zip((*f32.encode_text(params, ids, mask), f32.encode_image(params, images)),
+                        (*bf16.encode_text(params, ids, mask), bf16.encode_image(params, images))):
+    assert out16.dtype == np.float32 and out16.shape == out.shape
+    a, b = np.asarray(out).reshape(-1, out.shape[-1]), np.asarray(out16).reshape(-1, out.shape[-1])
+    cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() > 0.995, cos.min()
+    assert not np.array_equal(a, b)  # it did compute in bfloat16
+  # Parameters stay float32.
+  assert {l.dtype for l in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  with pytest.raises(ValueError, match="CLIP dtype must be one of"):
+    ClipEncoders(config, dtype="float16")

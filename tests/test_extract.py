@@ -245,6 +245,28 @@ def test_extract_captions(checkpoint, tmp_path, capsys):
     assert set(f) == {"v1#enc#0"} and f["v1#enc#0"].shape == (8, 16)
 
 
+def test_extract_in_bfloat16_and_no_mixing_on_resume(checkpoint, tmp_path, capsys):
+  captions = tmp_path / "tvrtrain.caption.txt"
+  captions.write_text("v1#enc#0 A man plays the guitar.\nv1#enc#1 a dog runs\n")
+  out, out32 = tmp_path / "bf16.h5", tmp_path / "f32.h5"
+  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out),
+              "--dtype", "bfloat16", "--max-items", "1") == 0
+  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions),
+              "--out", str(out32)) == 0
+  capsys.readouterr()
+  with h5py.File(out) as f, h5py.File(out32) as g:
+    assert f.attrs["clip_dtype"] == "bfloat16" and g.attrs["clip_dtype"] == "float32"
+    rows, rows32 = f["v1#enc#0"][...], g["v1#enc#0"][...]
+    assert rows.dtype == np.float32 and rows.shape == rows32.shape
+    cos = np.sum(rows * rows32, -1) / (np.linalg.norm(rows, axis=-1) * np.linalg.norm(rows32, axis=-1))
+    assert cos.min() > 0.99
+  # Resuming the bfloat16 file in float32 would mix dtypes: refused, naming the setting.
+  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions),
+              "--out", str(out)) == 2
+  err = capsys.readouterr().err
+  assert "clip_dtype='bfloat16'" in err and "clip_dtype='float32'" in err
+
+
 def test_empty_caption_names_the_line(checkpoint, tmp_path, capsys):
   captions = tmp_path / "c.caption.txt"
   captions.write_text("v1#enc#0 fine\nv1#enc#1   \nv2#enc#0 ok\n")

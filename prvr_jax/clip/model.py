@@ -6,6 +6,10 @@ Hugging Face checkpoint loaded by `prvr_jax.clip.load` gives the same embeddings
 mirror the checkpoint's tensor names (see load.py).
 
 Images are NHWC float32, already CLIP-normalised (see preprocess.py).
+
+Compute dtype (`dtype`, see CLIP_DTYPES): float32 (the default; what the parity tests check) or
+bfloat16, with float32 parameters cast per use. LayerNorm statistics, attention logits and
+softmax stay float32, and every encoder output is float32.
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ from prvr_jax.clip.config import ClipConfig, TextConfig, TowerConfig, VisionConf
 
 Params = Any
 PRECISIONS = ("highest", "default")
+# Compute dtypes the towers may run in (`ClipEncoders(dtype=...)`, `extract --dtype`,
+# `config.text_tower.dtype`). Parameters are float32 either way.
+CLIP_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """The jnp dtype of a CLIP_DTYPES name; ValueError naming the choices otherwise."""
+  if name not in CLIP_DTYPES:
+    raise ValueError(f"CLIP dtype must be one of {sorted(CLIP_DTYPES)}, got {name!r}")
+  return CLIP_DTYPES[name]
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:
@@ -41,17 +55,19 @@ class Attention(nn.Module):
 
   cfg: TowerConfig
   precision: Any = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """x: (N, L, D); mask: (N, 1, L, L) bool, True where a query may see a key, or None."""
     d, h = self.cfg.hidden_size, self.cfg.num_heads
-    dense = functools.partial(nn.Dense, d, precision=self.precision)
+    dense = functools.partial(nn.Dense, d, precision=self.precision, dtype=self.dtype)
     split = lambda t: t.reshape(*t.shape[:-1], h, d // h)
     q = split(dense(name="q_proj")(x))
     k = split(dense(name="k_proj")(x))
     v = split(dense(name="v_proj")(x))
-    logits = jnp.einsum("nqhc,nkhc->nhqk", q, k, precision=self.precision) * (d // h) ** -0.5
+    logits = jnp.einsum("nqhc,nkhc->nhqk", q, k, precision=self.precision,
+                        preferred_element_type=jnp.float32) * (d // h) ** -0.5
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
@@ -64,13 +80,15 @@ class Mlp(nn.Module):
 
   cfg: TowerConfig
   precision: Any = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (N, L, D) -> (N, L, D)."""
-    x = nn.Dense(self.cfg.intermediate_size, precision=self.precision, name="fc1")(x)
+    dense = functools.partial(nn.Dense, precision=self.precision, dtype=self.dtype)
+    x = dense(self.cfg.intermediate_size, name="fc1")(x)
     x = _ACTIVATIONS[self.cfg.activation](x)
-    return nn.Dense(self.cfg.hidden_size, precision=self.precision, name="fc2")(x)
+    return dense(self.cfg.hidden_size, name="fc2")(x)
 
 
 class EncoderLayer(nn.Module):
@@ -78,14 +96,17 @@ class EncoderLayer(nn.Module):
 
   cfg: TowerConfig
   precision: Any = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """x: (N, L, D) -> (N, L, D)."""
     cfg = self.cfg
-    ln = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps)
-    x = x + Attention(cfg, self.precision, name="self_attn")(ln(name="layer_norm1")(x), mask)
-    return x + Mlp(cfg, self.precision, name="mlp")(ln(name="layer_norm2")(x))
+    # flax computes LayerNorm statistics in float32 whatever `dtype` is.
+    ln = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps, dtype=self.dtype)
+    x = x + Attention(cfg, self.precision, self.dtype, name="self_attn")(
+        ln(name="layer_norm1")(x), mask)
+    return x + Mlp(cfg, self.precision, self.dtype, name="mlp")(ln(name="layer_norm2")(x))
 
 
 class Encoder(nn.Module):
@@ -95,15 +116,17 @@ class Encoder(nn.Module):
     cfg: the tower shape.
     precision: matmul precision.
     num_layers: layers held (None: cfg.num_layers).
+    dtype: compute dtype.
   """
 
   cfg: TowerConfig
   precision: Any = None
   num_layers: Optional[int] = None
+  dtype: Any = jnp.float32
 
   def setup(self):
     count = self.cfg.num_layers if self.num_layers is None else self.num_layers
-    self.layers = [EncoderLayer(self.cfg, self.precision) for _ in range(count)]
+    self.layers = [EncoderLayer(self.cfg, self.precision, self.dtype) for _ in range(count)]
 
   def __call__(self, x: jax.Array, mask: jax.Array | None, start: int = 0,
                stop: Optional[int] = None) -> jax.Array:
@@ -129,19 +152,22 @@ class TextTower(nn.Module):
 
   cfg: TextConfig
   precision: Any = None
+  dtype: Any = jnp.float32
 
   def setup(self):
     cfg = self.cfg
     init = nn.initializers.normal(0.02)
-    self.token_embedding = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init)
+    self.token_embedding = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                                    dtype=self.dtype)
     self.position_embedding = self.param("position_embedding", init,
                                          (cfg.max_positions, cfg.hidden_size))
-    self.encoder = Encoder(cfg, self.precision)
-    self.final_layer_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps)
+    self.encoder = Encoder(cfg, self.precision, dtype=self.dtype)
+    self.final_layer_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
-    """(N, L) ids -> (N, L, D) token + position embeddings."""
-    return self.token_embedding(input_ids) + self.position_embedding[None, :input_ids.shape[1]]
+    """(N, L) ids -> (N, L, D) token + position embeddings (compute dtype)."""
+    positions = self.position_embedding[None, :input_ids.shape[1]].astype(self.dtype)
+    return self.token_embedding(input_ids) + positions
 
   def blocks(self, x: jax.Array, mask: jax.Array, start: int = 0,
              stop: Optional[int] = None) -> jax.Array:
@@ -160,7 +186,8 @@ class TextTower(nn.Module):
       attention_mask: (N, L) int or bool, 1 on real tokens.
 
     Returns:
-      token states (N, L, D) after the final LayerNorm, pooled (N, D) at the EOS position.
+      token states (N, L, D) after the final LayerNorm, pooled (N, D) at the EOS position
+      (compute dtype).
     """
     x = self.final(self.blocks(self.embed(input_ids), causal_padding_mask(attention_mask)))
     if self.cfg.eos_token_id == 2:
@@ -178,6 +205,7 @@ class VisionTower(nn.Module):
 
   cfg: VisionConfig
   precision: Any = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -187,7 +215,7 @@ class VisionTower(nn.Module):
       pixel_values: (N, H, W, C) float32 CLIP-normalised, H = W = image_size.
 
     Returns:
-      pooled (N, D): post-LayerNorm class token.
+      pooled (N, D): post-LayerNorm class token (compute dtype).
     """
     cfg = self.cfg
     n, height, width, c = pixel_values.shape
@@ -198,14 +226,21 @@ class VisionTower(nn.Module):
     # A stride-p conv with a p x p kernel is a matmul over non-overlapping flattened patches.
     kernel = self.param("patch_embedding", nn.initializers.normal(0.02), (p, p, c, d))
     patches = pixel_values.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(n, g * g, p * p * c)
-    x = jnp.matmul(patches, kernel.reshape(p * p * c, d), precision=self.precision)
+    patches = patches.reshape(n, g * g, p * p * c).astype(self.dtype)
+    x = jnp.matmul(patches, kernel.reshape(p * p * c, d).astype(self.dtype),
+                   precision=self.precision)
     cls = self.param("class_embedding", nn.initializers.normal(d ** -0.5), (d,))
     pos = self.param("position_embedding", nn.initializers.normal(0.02), (g * g + 1, d))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1) + pos[None]
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="pre_layrnorm")(x)
-    x = Encoder(cfg, self.precision, name="encoder")(x, None)
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="post_layernorm")(x[:, 0])
+    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1)
+    x = x + pos[None].astype(x.dtype)
+    ln = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps, dtype=self.dtype)
+    x = ln(name="pre_layrnorm")(x)
+    x = Encoder(cfg, self.precision, dtype=self.dtype, name="encoder")(x, None)
+    return ln(name="post_layernorm")(x[:, 0])
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
 
 
 class Clip(nn.Module):
@@ -214,26 +249,28 @@ class Clip(nn.Module):
 
   cfg: ClipConfig
   precision: Any = None
+  dtype: Any = jnp.float32
 
   def setup(self):
-    self.text_model = TextTower(self.cfg.text, self.precision)
-    self.vision_model = VisionTower(self.cfg.vision, self.precision)
-    self.text_projection = nn.Dense(self.cfg.projection_dim, use_bias=False, precision=self.precision)
+    self.text_model = TextTower(self.cfg.text, self.precision, self.dtype)
+    self.vision_model = VisionTower(self.cfg.vision, self.precision, self.dtype)
+    self.text_projection = nn.Dense(self.cfg.projection_dim, use_bias=False, precision=self.precision,
+                                    dtype=self.dtype)
     self.visual_projection = nn.Dense(self.cfg.projection_dim, use_bias=False,
-                                      precision=self.precision)
+                                      precision=self.precision, dtype=self.dtype)
 
   def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array):
-    """(N, L) ids and mask -> (states (N, L, D), pooled (N, D), projected (N, P))."""
+    """(N, L) ids and mask -> (states (N, L, D), pooled (N, D), projected (N, P)), float32."""
     states, pooled = self.text_model(input_ids, attention_mask)
-    return states, pooled, self.text_projection(pooled)
+    return _f32(states), _f32(pooled), _f32(self.text_projection(pooled))
 
   def project_text_tokens(self, states: jax.Array) -> jax.Array:
-    """(N, L, D) final-LN token states -> (N, L, P) through text_projection."""
-    return self.text_projection(states)
+    """(N, L, D) final-LN token states -> (N, L, P) through text_projection, float32."""
+    return _f32(self.text_projection(states.astype(self.dtype)))
 
   def encode_image(self, pixel_values: jax.Array) -> jax.Array:
-    """(N, H, W, C) normalised images -> projected (N, P)."""
-    return self.visual_projection(self.vision_model(pixel_values))
+    """(N, H, W, C) normalised images -> projected (N, P), float32."""
+    return _f32(self.visual_projection(self.vision_model(pixel_values)))
 
   def __call__(self, input_ids, attention_mask, pixel_values):
     """Both encoders (used by init so every parameter is created)."""
@@ -248,18 +285,21 @@ class ClipEncoders:
     module: the flax Clip module.
   """
 
-  def __init__(self, config: ClipConfig, precision: str = "highest"):
+  def __init__(self, config: ClipConfig, precision: str = "highest", dtype: str = "float32"):
     """Builds the encoders.
 
     Args:
       config: shapes.
       precision: 'highest' (full float32 matmuls, as PyTorch) or 'default' (the backend's
         fastest, e.g. TF32 on recent GPUs).
+      dtype: compute dtype, a CLIP_DTYPES name (outputs are float32 either way).
     """
     if precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     self.config = config
-    self.module = Clip(config, jax.lax.Precision.HIGHEST if precision == "highest" else None)
+    self.dtype = dtype
+    self.module = Clip(config, jax.lax.Precision.HIGHEST if precision == "highest" else None,
+                       compute_dtype(dtype))
     self.encode_text = jax.jit(self._encode_text)
     self.encode_image = jax.jit(self._encode_image)
     self.project_text_tokens = jax.jit(self._project_text_tokens)

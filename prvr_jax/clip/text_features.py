@@ -84,7 +84,7 @@ def extract_captions(encoders: ClipEncoders, params: Any, tokenizer: ClipTokeniz
                        f"{encoders.config.text.max_positions} positions")
   lines = read_captions(captions)[:max_items]
   settings = {"kind": "clip_caption_features", "text_features": text_features,
-              "clip_config": dataclasses.asdict(encoders.config)}
+              "clip_config": dataclasses.asdict(encoders.config), "clip_dtype": encoders.dtype}
   store = FeatureStore(out, settings, info)
   summary = Summary(kind="captions", out=str(out), listed=len(lines))
   todo = [c for c in lines if c.caption_id not in store]

@@ -158,7 +158,7 @@ def extract_videos(encoders: ClipEncoders, params: Any, videos: str | os.PathLik
   ids = video_ids(paths)
   settings = {"kind": "clip_video_features", "fps": float(fps),
               "features": "visual_projection (CLIP image embeddings, not normalised)",
-              "clip_config": dataclasses.asdict(encoders.config)}
+              "clip_config": dataclasses.asdict(encoders.config), "clip_dtype": encoders.dtype}
   store = FeatureStore(out, settings, info)
   summary = Summary(kind="videos", out=str(out), listed=len(paths))
   todo = [(i, p) for i, p in zip(ids, paths) if i not in store]

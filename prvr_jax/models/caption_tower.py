@@ -34,7 +34,7 @@ from flax import traverse_util
 
 from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH, TextConfig
 from prvr_jax.clip.load import load_clip
-from prvr_jax.clip.model import Encoder, TextTower, causal_padding_mask
+from prvr_jax.clip.model import CLIP_DTYPES, Encoder, TextTower, causal_padding_mask, compute_dtype
 from prvr_jax.errors import ConfigError
 from prvr_jax.ops.video_inputs import data_l2_normalize
 from prvr_jax.utils.files import atomic_write_text
@@ -57,6 +57,8 @@ class CaptionTowerConfig:
     max_query_tokens: rows the query encoder sees (the loader's caption length L).
     truncate_keep_eos: a caption longer than L keeps its first L - 1 rows and its EOS row.
     source: the checkpoint directory the tower was initialised from (for messages only).
+    dtype: the tower's compute dtype (`config.text_tower.dtype`, a CLIP_DTYPES name); its rows
+      are float32 either way.
   """
 
   text: TextConfig
@@ -66,8 +68,11 @@ class CaptionTowerConfig:
   max_query_tokens: int = CLIP_CONTEXT_LENGTH
   truncate_keep_eos: bool = False
   source: str = ""
+  dtype: str = "float32"
 
   def __post_init__(self):
+    if self.dtype not in CLIP_DTYPES:
+      raise ConfigError(f"text_tower.dtype must be one of {sorted(CLIP_DTYPES)}, got {self.dtype!r}")
     if self.features not in FEATURES:
       raise ConfigError(f"text_tower.features must be one of {FEATURES}, got {self.features!r}")
     if not 0 <= self.trainable_blocks <= self.text.num_layers:
@@ -140,12 +145,13 @@ class _FrozenTop(nn.Module):
   cfg: TextConfig
   count: int
   projection_dim: Optional[int]
+  dtype: Any = jnp.float32
 
   def setup(self):
-    self.encoder = Encoder(self.cfg, num_layers=self.count)
-    self.final_layer_norm = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps)
+    self.encoder = Encoder(self.cfg, num_layers=self.count, dtype=self.dtype)
+    self.final_layer_norm = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.dtype)
     if self.projection_dim is not None:
-      self.text_projection = nn.Dense(self.projection_dim, use_bias=False)
+      self.text_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     x = self.final_layer_norm(self.encoder(x, mask))
@@ -160,11 +166,13 @@ class CaptionTower(nn.Module):
   def setup(self):
     c = self.config
     projected = c.features == "projected"
-    self.text_model = TextTower(c.text)
+    dtype = compute_dtype(c.dtype)
+    self.text_model = TextTower(c.text, dtype=dtype)
     if projected:
-      self.text_projection = nn.Dense(c.projection_dim, use_bias=False)
+      self.text_projection = nn.Dense(c.projection_dim, use_bias=False, dtype=dtype)
     if c.trainable_blocks:
-      self.frozen_top = _FrozenTop(c.text, c.trainable_blocks, c.projection_dim if projected else None)
+      self.frozen_top = _FrozenTop(c.text, c.trainable_blocks, c.projection_dim if projected else None,
+                                   dtype)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encodes tokenised captions.
@@ -174,9 +182,9 @@ class CaptionTower(nn.Module):
       attention_mask: (N, L0) 1 on BOS .. EOS.
 
     Returns:
-      (rows, teacher_rows), both (N, L0, D_t): the rows fed to the query encoder (trainable
-      when trainable_blocks > 0) and the frozen CLIP's rows (gradient stopped; the same array
-      when the tower is frozen).
+      (rows, teacher_rows), both (N, L0, D_t) float32: the rows fed to the query encoder
+      (trainable when trainable_blocks > 0) and the frozen CLIP's rows (gradient stopped; the
+      same array when the tower is frozen).
     """
     c = self.config
     n_layers = c.text.num_layers
@@ -188,10 +196,11 @@ class CaptionTower(nn.Module):
     rows = self.text_model.final(self.text_model.blocks(hidden, mask, split, n_layers))
     if c.features == "projected":
       rows = self.text_projection(rows)
+    rows = rows.astype(jnp.float32)
     if not c.trainable_blocks:
       rows = jax.lax.stop_gradient(rows)
       return rows, rows
-    return rows, jax.lax.stop_gradient(self.frozen_top(hidden, mask))
+    return rows, jax.lax.stop_gradient(self.frozen_top(hidden, mask).astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import numpy as np
 
 from prvr_jax.models.dropout import Dropout
 from prvr_jax.models.layers import (MASKED_LOGIT_BIAS, FeedForward, Linear, LinearParams,
-                                    layer_norm, rows_dot, softmax_f32, transformer_layer)
+                                    backward_fenced, layer_norm, rows_dot, softmax_f32,
+                                    transformer_layer)
+from prvr_jax.models.remat import after
 
 
 class WeightTokenAttention(nn.Module):
@@ -86,6 +88,7 @@ class DyGMMBlock(nn.Module):
   gauss_widths: Sequence[float]
   initializer_range: float = 0.02
   remat: str = "none"  # 'blocks': each branch rematerialised (see layers.transformer_layer)
+  dtype: str = "float32"  # the compute dtype's name (the branches' fence depends on it)
 
   @nn.compact
   def __call__(self, x: jax.Array, weight_token: jax.Array, key_mask: Optional[jax.Array] = None,
@@ -94,12 +97,14 @@ class DyGMMBlock(nn.Module):
     if x.shape[1] != self.length:
       raise ValueError(f"DyGMMBlock built for length {self.length} got {x.shape[1]} tokens")
     widths = (None,) + tuple(self.gauss_widths)
-    layer = transformer_layer(self.remat)
-    outs = [
-        layer(self.num_heads, self.dropout, w, initializer_range=self.initializer_range,
-              name=f"branch{k}")(x, key_mask, key_log_size, deterministic)
-        for k, w in enumerate(widths)
-    ]
+    layer = transformer_layer(self.remat, self.dtype)
+    fenced = backward_fenced(self.remat, self.dtype)
+    outs: list[jax.Array] = []
+    for k, w in enumerate(widths):
+      # Fenced, the branches' backward passes run one after another (remat.after says why).
+      inputs = after(x, outs[-1]) if (fenced and outs) else x
+      outs.append(layer(self.num_heads, self.dropout, w, initializer_range=self.initializer_range,
+                        name=f"branch{k}")(inputs, key_mask, key_log_size, deterministic))
     if self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "branch_out", jnp.stack(outs, axis=1))  # (N, K, L, D)
     tokens = WeightTokenAttention(self.num_heads, self.dropout, self.initializer_range,

@@ -16,6 +16,7 @@ import numpy as np
 
 from prvr_jax.models.dropout import Dropout
 from prvr_jax.models.norms import LayerNorm, softmax_f32
+from prvr_jax.models.remat import fenced_module
 
 LAYER_NORM_EPS = 1e-5
 # The compute dtypes `config.model.dtype` may name. Parameters are float32 either way.
@@ -227,16 +228,26 @@ class TransformerLayer(nn.Module):
 REMAT_POLICIES: dict[str, Any] = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveable}
 
 
-def transformer_layer(remat: str) -> type:
-  """TransformerLayer, or (remat 'blocks') the same layer rematerialised under
-  `REMAT_POLICIES['blocks']`: equal parameters, outputs and gradients, less saved memory.
+def backward_fenced(remat: str, dtype: str) -> bool:
+  """Whether `transformer_layer(remat, dtype)` runs behind the cotangent fence (models/remat.py):
+  when it is rematerialised, or computes in a dtype narrower than float32."""
+  return remat != "none" or dtype != "float32"
 
-  Call the rematerialised form with every argument positional: (x, key_mask, key_log_size,
-  deterministic), shapes as `TransformerLayer`.
+
+def transformer_layer(remat: str, dtype: str = "float32") -> type:
+  """TransformerLayer, or the same layer behind the cotangent fence (`backward_fenced`):
+  rematerialised under `REMAT_POLICIES[remat]` for remat 'blocks', only fenced for remat 'none'
+  in bfloat16. Equal parameters, outputs and gradients, less saved memory.
+
+  Call a fenced form with every argument positional: (x, key_mask, key_log_size, deterministic),
+  shapes as `TransformerLayer`.
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
-  if remat == "none":
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}")
+  if not backward_fenced(remat, dtype):
     return TransformerLayer
-  # Argument 0 is the module itself, so `deterministic` is 4.
-  return nn.remat(TransformerLayer, static_argnums=(4,), policy=REMAT_POLICIES[remat])
+  # Argument 0 is the module itself, so `deterministic` is 4. Not plain `nn.remat`: on XLA:CPU
+  # that frees nothing (models/remat.py says why).
+  return fenced_module(TransformerLayer, static_argnums=(4,), remat_policy=REMAT_POLICIES[remat])

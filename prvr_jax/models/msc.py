@@ -39,16 +39,17 @@ class MSCNet(nn.Module):
     dtype = COMPUTE_DTYPES[c.dtype]
     self.query_input_proj = InputProjection(c.hidden_size, c.input_dropout, init, dtype)
     self.query_pos_embed = PositionalEmbedding(c.max_desc_len, c.input_dropout, init)
-    self.query_encoder = transformer_layer(c.remat)(c.num_heads, c.dropout, initializer_range=init)
+    self.query_encoder = transformer_layer(c.remat, c.dtype)(c.num_heads, c.dropout,
+                                                             initializer_range=init)
     self.query_pool = Linear(1, use_bias=False, initializer_range=init)
     self.clip_input_proj = InputProjection(c.hidden_size, c.input_dropout, init, dtype)
     self.clip_pos_embed = PositionalEmbedding(c.max_ctx_len, c.input_dropout, init)
     self.clip_encoder = DyGMMBlock(c.num_clips, c.num_heads, c.dropout, c.sft_factor,
-                                   c.gauss_widths, init, c.remat)
+                                   c.gauss_widths, init, c.remat, c.dtype)
     self.frame_input_proj = InputProjection(c.hidden_size, c.input_dropout, init, dtype)
     self.frame_pos_embed = PositionalEmbedding(c.max_ctx_len, c.input_dropout, init)
     self.frame_encoder = DyGMMBlock(c.num_frames, c.num_heads, c.dropout, c.sft_factor,
-                                    c.gauss_widths, init, c.remat)
+                                    c.gauss_widths, init, c.remat, c.dtype)
     # The reference creates it with torch.randn and never re-initialises it: N(0, 1).
     self.weight_token = self.param("weight_token", nn.initializers.normal(1.0), (c.hidden_size,))
     self.vproj_clip = Linear(c.hidden_size, initializer_range=init)

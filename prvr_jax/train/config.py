@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from prvr_jax.clip.model import CLIP_DTYPES as TEXT_TOWER_DTYPES
 from prvr_jax.errors import ConfigError
 from prvr_jax.models.caption_tower import FEATURES as TEXT_TOWER_FEATURES
 from prvr_jax.models.layers import REMAT_POLICIES
@@ -97,6 +98,8 @@ class TextTowerConfig(Section):
     trainable_blocks: 0 = frozen tower (the same inputs as features extracted with it); N > 0 =
       its last N blocks, final LayerNorm and projection are trained. TCPL's teacher always is the
       frozen checkpoint's EOS embedding.
+    dtype: the tower's compute dtype, 'float32' or 'bfloat16' (float32 parameters either way;
+      independent of `model.dtype`). A resumed run may change it.
   """
 
   SECTION = "text_tower"  # absent from runs made before it existed: the defaults
@@ -104,6 +107,7 @@ class TextTowerConfig(Section):
   clip_dir: str = ""
   features: str = "projected"
   trainable_blocks: int = 0
+  dtype: str = "float32"
 
   def __post_init__(self):
     if self.features not in TEXT_TOWER_FEATURES:
@@ -111,4 +115,7 @@ class TextTowerConfig(Section):
                         f"{self.features!r}")
     if self.trainable_blocks < 0:
       raise ConfigError(f"text_tower.trainable_blocks must be >= 0, got {self.trainable_blocks}")
+    if self.dtype not in TEXT_TOWER_DTYPES:
+      raise ConfigError(f"text_tower.dtype must be one of {list(TEXT_TOWER_DTYPES)}, got "
+                        f"{self.dtype!r}")
 
