@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from prvr_jax.convert.golden_parity import _Checks, _check_inputs, _setup, load_golden
+from prvr_jax.convert.golden_parity import (GoldenChecks, check_inputs, load_golden,
+                                            model_from_golden)
 from prvr_jax.losses.total import cbva_terms, msc_loss
 from prvr_jax.models.msc import MSCNet
 
@@ -57,9 +58,9 @@ def compare_dtypes(path: str | pathlib.Path, dtype: str = "bfloat16") -> dict[st
     `discrete` {output: True when exactly equal}, `discrete_equal` (all of them).
   """
   g = load_golden(path)
-  meta, model_cfg, params, loss_cfg = _setup(g, path)
+  meta, model_cfg, params, loss_cfg = model_from_golden(g, path)
   length = int(meta.get("map_size", model_cfg.num_frames))
-  batch = _check_inputs(g, _Checks({}), length)
+  batch = check_inputs(g, GoldenChecks({}), length)
   triplet = bool(meta.get("use_hard_negative", False)) and loss_cfg.hard_pool_size == 1
   ref_losses, ref_discrete = _losses_and_discrete(MSCNet(model_cfg), params, batch, loss_cfg, triplet)
   other = MSCNet(dataclasses.replace(model_cfg, dtype=dtype))

@@ -116,8 +116,11 @@ def load_golden(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   return data
 
 
-class _Checks:
-  """The rows of a parity run: each golden key compared (if the file has it) with our value."""
+class GoldenChecks:
+  """The rows of a parity run: each golden key compared (if the file has it) with our value.
+
+  `check(key, kind, ours)` appends one Row when the golden file has `key` (`ours` may be a
+  callable, evaluated only then); `rows` holds them in order."""
 
   def __init__(self, golden: Mapping[str, np.ndarray]):
     self.golden = golden
@@ -130,9 +133,10 @@ class _Checks:
     self.rows.append(_compare(key, kind, value, self.golden[key]))
 
 
-def _setup(g: Mapping[str, np.ndarray], path: str | pathlib.Path
+def model_from_golden(g: Mapping[str, np.ndarray], path: str | pathlib.Path
            ) -> tuple[dict[str, Any], Any, Any, LossConfig]:
-  """(meta, model config, converted params, loss config) of a golden file."""
+  """(meta dict, ModelConfig, converted params, LossConfig) of a golden file's arrays `g`; a
+  missing config entry or an unconvertible state dict is a ParityError naming `path`."""
   try:
     meta = json.loads(str(g["config/json"]))
     model_cfg, params = convert(golden_state_dict(g), num_heads=int(meta["n_heads"]),
@@ -151,8 +155,11 @@ def _setup(g: Mapping[str, np.ndarray], path: str | pathlib.Path
   return meta, model_cfg, params, loss_cfg
 
 
-def _check_inputs(g: Mapping[str, np.ndarray], check: _Checks, length: int) -> dict[str, jax.Array]:
-  """1. Preprocessing and OP-ToMe; returns the model's batch."""
+def check_inputs(g: Mapping[str, np.ndarray], check: GoldenChecks,
+                 length: int) -> dict[str, jax.Array]:
+  """1. Preprocessing and OP-ToMe checked through `check`; returns the model's batch (frames
+  resampled to `length`, the 32 merged clip tokens, captions; jnp arrays keyed as the model's
+  inputs)."""
   vb = _video_batch(g["input/frames"], g["input/frame_offsets"], length)
   check("data/fixed128", "features", vb["fixed"])
   for level, target in enumerate(OP_TOME_TARGETS):
@@ -171,7 +178,7 @@ def _check_inputs(g: Mapping[str, np.ndarray], check: _Checks, length: int) -> d
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def _check_network(check: _Checks, model: MSCNet, params: Any,
+def _check_network(check: GoldenChecks, model: MSCNet, params: Any,
                    batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """2. The network (eval mode), with every submodule's output captured for the dbg/* keys."""
   out, state = jax.jit(lambda p, b: model.apply({"params": p}, b, deterministic=True,
@@ -200,7 +207,7 @@ def _check_network(check: _Checks, model: MSCNet, params: Any,
   return out
 
 
-def _check_losses(check: _Checks, model: MSCNet, params: Any, batch: dict[str, jax.Array],
+def _check_losses(check: GoldenChecks, model: MSCNet, params: Any, batch: dict[str, jax.Array],
                   out: dict[str, jax.Array], loss_cfg: LossConfig, meta: Mapping[str, Any]) -> None:
   """3. Losses and gradients. Reference triplets are random unless hard negatives with a pool of 1."""
   g = check.golden
@@ -252,10 +259,10 @@ def run_parity(path: str | pathlib.Path) -> list[Row]:
   """Runs the pipeline on the golden file at `path`; one `Row` per compared (or skipped) key:
   1. preprocessing and OP-ToMe, 2. the network, 3. losses and gradients, 4. evaluation."""
   g = load_golden(path)
-  meta, model_cfg, params, loss_cfg = _setup(g, path)
+  meta, model_cfg, params, loss_cfg = model_from_golden(g, path)
   length = int(meta.get("map_size", model_cfg.num_frames))
-  check = _Checks(g)
-  batch = _check_inputs(g, check, length)
+  check = GoldenChecks(g)
+  batch = check_inputs(g, check, length)
   model = MSCNet(model_cfg)
   out = _check_network(check, model, params, batch)
   _check_losses(check, model, params, batch, out, loss_cfg, meta)
