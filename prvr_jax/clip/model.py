@@ -7,7 +7,7 @@ mirror the checkpoint's tensor names (see load.py).
 
 Images are NHWC float32, already CLIP-normalised (see preprocess.py).
 
-Compute dtype (`dtype`, see CLIP_DTYPES): float32 (the default; what the parity tests check) or
+Compute dtype (`dtype`, see prvr_jax/utils/dtypes.py): float32 (the default; what the parity tests check) or
 bfloat16, with float32 parameters cast per use. LayerNorm statistics, attention logits and
 softmax stay float32, and every encoder output is float32.
 """
@@ -22,19 +22,17 @@ import jax
 import jax.numpy as jnp
 
 from prvr_jax.clip.config import ClipConfig, TextConfig, TowerConfig, VisionConfig
+from prvr_jax.utils.dtypes import COMPUTE_DTYPES
 
 Params = Any
 PRECISIONS = ("highest", "default")
-# Compute dtypes the towers may run in (`ClipEncoders(dtype=...)`, `extract --dtype`,
-# `config.text_tower.dtype`). Parameters are float32 either way.
-CLIP_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(name: str) -> Any:
-  """The jnp dtype of a CLIP_DTYPES name; ValueError naming the choices otherwise."""
-  if name not in CLIP_DTYPES:
-    raise ValueError(f"CLIP dtype must be one of {sorted(CLIP_DTYPES)}, got {name!r}")
-  return CLIP_DTYPES[name]
+  """The jnp dtype of a COMPUTE_DTYPES name; ValueError naming the choices otherwise."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"CLIP dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+  return COMPUTE_DTYPES[name]
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:
@@ -292,7 +290,7 @@ class ClipEncoders:
       config: shapes.
       precision: 'highest' (full float32 matmuls, as PyTorch) or 'default' (the backend's
         fastest, e.g. TF32 on recent GPUs).
-      dtype: compute dtype, a CLIP_DTYPES name (outputs are float32 either way).
+      dtype: compute dtype, a COMPUTE_DTYPES name (outputs are float32 either way).
     """
     if precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

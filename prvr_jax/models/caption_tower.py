@@ -34,9 +34,10 @@ from flax import traverse_util
 
 from prvr_jax.clip.config import CLIP_CONTEXT_LENGTH, TextConfig
 from prvr_jax.clip.load import load_clip
-from prvr_jax.clip.model import CLIP_DTYPES, Encoder, TextTower, causal_padding_mask, compute_dtype
+from prvr_jax.clip.model import Encoder, TextTower, causal_padding_mask, compute_dtype
 from prvr_jax.errors import ConfigError
 from prvr_jax.ops.video_inputs import data_l2_normalize
+from prvr_jax.utils.dtypes import COMPUTE_DTYPES
 from prvr_jax.utils.files import atomic_write_text
 
 FEATURES = ("projected", "hidden")
@@ -57,7 +58,7 @@ class CaptionTowerConfig:
     max_query_tokens: rows the query encoder sees (the loader's caption length L).
     truncate_keep_eos: a caption longer than L keeps its first L - 1 rows and its EOS row.
     source: the checkpoint directory the tower was initialised from (for messages only).
-    dtype: the tower's compute dtype (`config.text_tower.dtype`, a CLIP_DTYPES name); its rows
+    dtype: the tower's compute dtype (`config.text_tower.dtype`, a COMPUTE_DTYPES name); its rows
       are float32 either way.
   """
 
@@ -71,8 +72,8 @@ class CaptionTowerConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
-    if self.dtype not in CLIP_DTYPES:
-      raise ConfigError(f"text_tower.dtype must be one of {sorted(CLIP_DTYPES)}, got {self.dtype!r}")
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ConfigError(f"text_tower.dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
     if self.features not in FEATURES:
       raise ConfigError(f"text_tower.features must be one of {FEATURES}, got {self.features!r}")
     if not 0 <= self.trainable_blocks <= self.text.num_layers:

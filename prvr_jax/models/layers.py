@@ -17,10 +17,9 @@ import numpy as np
 from prvr_jax.models.dropout import Dropout
 from prvr_jax.models.norms import LayerNorm, softmax_f32
 from prvr_jax.models.remat import fenced_module
+from prvr_jax.utils.dtypes import COMPUTE_DTYPES  # re-exported: the models' dtype names
 
 LAYER_NORM_EPS = 1e-5
-# The compute dtypes `config.model.dtype` may name. Parameters are float32 either way.
-COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Additive logit bias of masked keys; the reference uses -1e4, not -inf, and parity depends on it.
 MASKED_LOGIT_BIAS = -10000.0
 

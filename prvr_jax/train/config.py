@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from prvr_jax.clip.model import CLIP_DTYPES as TEXT_TOWER_DTYPES
 from prvr_jax.errors import ConfigError
 from prvr_jax.models.caption_tower import FEATURES as TEXT_TOWER_FEATURES
 from prvr_jax.models.layers import REMAT_POLICIES
+from prvr_jax.utils.dtypes import COMPUTE_DTYPES
 from prvr_jax.utils.config import Section
 
 OPTIMIZERS = ("bert_adam", "adamw")
@@ -115,7 +115,7 @@ class TextTowerConfig(Section):
                         f"{self.features!r}")
     if self.trainable_blocks < 0:
       raise ConfigError(f"text_tower.trainable_blocks must be >= 0, got {self.trainable_blocks}")
-    if self.dtype not in TEXT_TOWER_DTYPES:
-      raise ConfigError(f"text_tower.dtype must be one of {list(TEXT_TOWER_DTYPES)}, got "
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ConfigError(f"text_tower.dtype must be one of {list(COMPUTE_DTYPES)}, got "
                         f"{self.dtype!r}")
 
