@@ -64,7 +64,7 @@ class WeightTokenAttention(nn.Module):
     ctx = ctx + bv.reshape(heads, head_dim) * probs.sum(-1)[..., None]
     ctx = ctx.reshape(ctx.shape[:2] + (dim,))
     ctx = Dropout(self.dropout)(ctx, deterministic=deterministic)
-    x = layer_norm("norm1", dtype)(jnp.broadcast_to(token, ctx.shape), ctx)
+    x = layer_norm("norm1", dtype)(token, ctx)
     ffn = FeedForward(dim, self.dropout, self.initializer_range, name="ffn")(x, deterministic)
     ffn = Dropout(self.dropout)(ffn, deterministic=deterministic)
     return layer_norm("norm2", dtype)(x, ffn)

@@ -81,7 +81,7 @@ class LayerNorm(nn.Module):
   """LayerNorm over the last axis with float32 `scale` / `bias` (flax's names, so parameter trees
   are those of `flax.linen.LayerNorm`). (..., D) in any dtype -> (..., D) in `dtype`.
 
-  Called as `(x, delta)` it normalises the residual sum x + delta (both (..., D)). In float32 that
+  Called as `(x, delta)` it normalises the residual sum x + delta ((..., D) each, broadcast). In float32 that
   is LayerNorm(x + delta), the sum saved for the backward pass. In a narrower dtype the sum is
   formed in float32 (not rounded to `dtype` first) and the backward pass re-forms it from x and
   delta: both are compute-dtype arrays, x usually saved anyway for the products that read it,
@@ -102,6 +102,7 @@ class LayerNorm(nn.Module):
       return _layer_norm(x.astype(dtype), scale, bias, self.epsilon)
     if dtype == jnp.float32:
       return _layer_norm((x + delta).astype(dtype), scale, bias, self.epsilon)
+    x = jnp.broadcast_to(x, jnp.broadcast_shapes(x.shape, delta.shape))
     return _add_layer_norm(x.astype(dtype), delta.astype(dtype), scale, bias, self.epsilon)
 
 
