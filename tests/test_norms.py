@@ -57,3 +57,46 @@ def test_bfloat16_backward_keeps_no_float32_activation(capsys):
   # float32 residuals are only parameters and per-row statistics (..., 1), never (4, 6, 32).
   assert not [l for l in saved if l.startswith("f32[4,6,32]") and "from a constant" not in l], saved
   assert any(line.startswith("bf16[4,6,32]") for line in saved)
+
+
+def test_residual_layer_norm_in_float32_is_layer_norm_of_the_sum():
+  x, params = _inputs()
+  delta = jax.random.normal(jax.random.key(5), x.shape)
+  ln = LayerNorm(epsilon=1e-5)
+  np.testing.assert_array_equal(ln.apply(params, x, delta), ln.apply(params, x + delta))
+  weight = jax.random.normal(jax.random.key(3), x.shape)
+  g_pair = jax.grad(lambda p, a, b: jnp.sum(jnp.sin(ln.apply(p, a, b)) * weight),
+                    argnums=(0, 1, 2))(params, x, delta)
+  g_sum = jax.grad(lambda p, s: jnp.sum(jnp.sin(ln.apply(p, s)) * weight), argnums=(0, 1))(
+      params, x + delta)
+  for a, b in zip(jax.tree.leaves(g_pair[0]), jax.tree.leaves(g_sum[0])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(g_pair[1], g_sum[1])
+  np.testing.assert_array_equal(g_pair[2], g_sum[1])
+
+
+def test_residual_layer_norm_in_bfloat16_sums_in_float32_and_saves_no_float32_sum(capsys):
+  x, params = _inputs()
+  delta = jax.random.normal(jax.random.key(5), x.shape)
+  xb, db = x.astype(jnp.bfloat16), delta.astype(jnp.bfloat16)
+  ln16, ln32 = LayerNorm(epsilon=1e-5, dtype=jnp.bfloat16), LayerNorm(epsilon=1e-5)
+  # The sum is not rounded to bfloat16 before normalising: the float32 LayerNorm of the exact sum
+  # of the two bfloat16 inputs, rounded once.
+  exact = ln32.apply(params, xb.astype(jnp.float32) + db.astype(jnp.float32))
+  np.testing.assert_array_equal(np.asarray(ln16.apply(params, xb, db), np.float32),
+                                np.asarray(exact.astype(jnp.bfloat16), np.float32))
+  weight = jax.random.normal(jax.random.key(3), x.shape)
+
+  def loss(ln, dtype):
+    return lambda p, a, b: jnp.sum(ln.apply(p, a.astype(dtype), b.astype(dtype))
+                                   .astype(jnp.float32) * weight)
+
+  g16 = jax.grad(loss(ln16, jnp.bfloat16), argnums=(0, 1, 2))(params, x, delta)
+  g32 = jax.grad(loss(ln32, jnp.float32), argnums=(0, 1, 2))(
+      params, xb.astype(jnp.float32), db.astype(jnp.float32))
+  for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=2e-2 * np.abs(b).max())
+  print_saved_residuals(lambda p, a, b: loss(ln16, jnp.bfloat16)(p, a, b), params, xb, db)
+  saved = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+  assert not [l for l in saved if l.startswith("f32[4,6,32]") and "from a constant" not in l], saved
+  assert sum(line.startswith("bf16[4,6,32]") for line in saved) == 2, saved  # x and delta

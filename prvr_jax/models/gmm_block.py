@@ -13,7 +13,7 @@ from prvr_jax.models.dropout import Dropout
 from prvr_jax.models.layers import (MASKED_LOGIT_BIAS, FeedForward, Linear, LinearParams,
                                     backward_fenced, layer_norm, rows_dot, softmax_f32,
                                     transformer_layer)
-from prvr_jax.models.remat import after
+from prvr_jax.models.remat import after, fence_after_cotangent, fenced_module
 
 
 class WeightTokenAttention(nn.Module):
@@ -64,10 +64,10 @@ class WeightTokenAttention(nn.Module):
     ctx = ctx + bv.reshape(heads, head_dim) * probs.sum(-1)[..., None]
     ctx = ctx.reshape(ctx.shape[:2] + (dim,))
     ctx = Dropout(self.dropout)(ctx, deterministic=deterministic)
-    x = layer_norm("norm1", dtype)(token + ctx)
+    x = layer_norm("norm1", dtype)(token, ctx)
     ffn = FeedForward(dim, self.dropout, self.initializer_range, name="ffn")(x, deterministic)
     ffn = Dropout(self.dropout)(ffn, deterministic=deterministic)
-    return layer_norm("norm2", dtype)(x + ffn)
+    return layer_norm("norm2", dtype)(x, ffn)
 
 
 class DyGMMBlock(nn.Module):
@@ -107,9 +107,14 @@ class DyGMMBlock(nn.Module):
                         name=f"branch{k}")(inputs, key_mask, key_log_size, deterministic))
     if self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "branch_out", jnp.stack(outs, axis=1))  # (N, K, L, D)
-    tokens = WeightTokenAttention(self.num_heads, self.dropout, self.initializer_range,
-                                  name="mixer_attention")(weight_token, outs, key_mask,
-                                                          deterministic)
+    # In a narrow dtype the readers of the branch outputs are fenced too (models/remat.py,
+    # `fenced_module`): unfenced, XLA:CPU keeps a float32 copy of every branch output, made for
+    # the forward products and shared with the backward ones.
+    narrow = self.dtype != "float32"
+    mixer_attention = (fenced_module(WeightTokenAttention, remat_policy=None, static_argnums=(4,))
+                       if narrow else WeightTokenAttention)
+    tokens = mixer_attention(self.num_heads, self.dropout, self.initializer_range,
+                             name="mixer_attention")(weight_token, outs, key_mask, deterministic)
     h = nn.relu(Linear(x.shape[-1], initializer_range=self.initializer_range, name="mixer1")(tokens))
     h = Dropout(self.dropout)(h, deterministic=deterministic)
     mix_logits = Linear(self.length, initializer_range=self.initializer_range, name="mixer2")(h)
@@ -117,7 +122,13 @@ class DyGMMBlock(nn.Module):
     # The branch weights in float32, then in the compute dtype for the weighted sum.
     weights = softmax_f32(jnp.swapaxes(mix_logits, 1, 2).astype(jnp.float32) / self.sft_factor,
                           x.dtype)  # (N, L, K)
-    mixed = weights[..., 0, None] * outs[0]
-    for k in range(1, len(outs)):
-      mixed = mixed + weights[..., k, None] * outs[k]
-    return mixed
+    mix = fence_after_cotangent(_weighted_sum) if narrow else _weighted_sum
+    return mix(weights, tuple(outs))
+
+
+def _weighted_sum(weights: jax.Array, outs: Sequence[jax.Array]) -> jax.Array:
+  """sum_k weights[..., k] * outs[k]: weights (N, L, K), K arrays (N, L, D) -> (N, L, D)."""
+  mixed = weights[..., 0, None] * outs[0]
+  for k in range(1, len(outs)):
+    mixed = mixed + weights[..., k, None] * outs[k]
+  return mixed

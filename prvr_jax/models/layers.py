@@ -212,11 +212,11 @@ class TransformerLayer(nn.Module):
                              self.initializer_range, name="attention")(
                                  x, key_mask, key_log_size, deterministic)
     att = Dropout(self.dropout)(att, deterministic=deterministic)
-    x = layer_norm("norm1", x.dtype)(x + att)
+    x = layer_norm("norm1", x.dtype)(x, att)
     ffn = FeedForward(self.ffn_multiplier * x.shape[-1], self.dropout, self.initializer_range,
                       name="ffn")(x, deterministic)
     ffn = Dropout(self.dropout)(ffn, deterministic=deterministic)
-    return layer_norm("norm2", x.dtype)(x + ffn)
+    return layer_norm("norm2", x.dtype)(x, ffn)
 
 
 # The remat policy of `config.train.remat = "blocks"`: nothing inside a block is saved for the

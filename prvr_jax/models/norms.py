@@ -13,7 +13,7 @@ float32 round-off.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -55,19 +55,55 @@ def _layer_norm_bwd(eps, res, g):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _add_layer_norm(x: jax.Array, delta: jax.Array, scale: jax.Array, bias: jax.Array,
+                    eps: float) -> jax.Array:
+  return _add_layer_norm_fwd(x, delta, scale, bias, eps)[0]
+
+
+def _add_layer_norm_fwd(x, delta, scale, bias, eps):
+  total = x.astype(jnp.float32) + delta.astype(jnp.float32)
+  y, (_, mean, rstd, scale) = _layer_norm_fwd(total, scale, bias, eps)
+  return y.astype(x.dtype), (x, delta, mean, rstd, scale)
+
+
+def _add_layer_norm_bwd(eps, res, g):
+  x, delta, mean, rstd, scale = res
+  total = x.astype(jnp.float32) + delta.astype(jnp.float32)
+  dtotal, dscale, dbias = _layer_norm_bwd(eps, (total, mean, rstd, scale), g)
+  return dtotal.astype(x.dtype), dtotal.astype(delta.dtype), dscale, dbias
+
+
+_add_layer_norm.defvjp(_add_layer_norm_fwd, _add_layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis with float32 `scale` / `bias` (flax's names, so parameter trees
-  are those of `flax.linen.LayerNorm`). (..., D) in any dtype -> (..., D) in `dtype`."""
+  are those of `flax.linen.LayerNorm`). (..., D) in any dtype -> (..., D) in `dtype`.
+
+  Called as `(x, delta)` it normalises the residual sum x + delta ((..., D) each, broadcast). In float32 that
+  is LayerNorm(x + delta), the sum saved for the backward pass. In a narrower dtype the sum is
+  formed in float32 (not rounded to `dtype` first) and the backward pass re-forms it from x and
+  delta: both are compute-dtype arrays, x usually saved anyway for the products that read it,
+  where a saved sum is a float32 array on XLA:CPU (it computes a bfloat16 sum in float32 and
+  fuses the rounding into every reader, the backward one included).
+  """
 
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, delta: Optional[jax.Array] = None) -> jax.Array:
     dim = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (dim,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (dim,), jnp.float32)
-    return _layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+    dtype = jnp.dtype(self.dtype)
+    if delta is None:
+      return _layer_norm(x.astype(dtype), scale, bias, self.epsilon)
+    if dtype == jnp.float32:
+      return _layer_norm((x + delta).astype(dtype), scale, bias, self.epsilon)
+    x = jnp.broadcast_to(x, jnp.broadcast_shapes(x.shape, delta.shape))
+    return _add_layer_norm(x.astype(dtype), delta.astype(dtype), scale, bias, self.epsilon)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

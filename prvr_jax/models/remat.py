@@ -43,6 +43,22 @@ def _cotangent_zero(ct: Any) -> jax.Array:
   return jnp.full((), -0.0, jnp.float32)
 
 
+def _fence_leaf(x: jax.Array, zero: jax.Array) -> jax.Array:
+  """`x` made to depend on `zero` (a float32 -0.0 from the cotangent) with its bits unchanged.
+
+  float32 and wider: x + zero. Narrower floats (bfloat16): an integer zero is added to x's bits.
+  Why not x + zero there: XLA:CPU computes a bfloat16 add in float32, and with excess precision
+  allowed it drops the float32 -> bfloat16 -> float32 round trip, so the float32 value x was
+  rounded from (an attention softmax, a residual sum before its LayerNorm) would be kept for the
+  backward pass instead of x. Integer bits have no float32 value to fall back on.
+  """
+  if jnp.finfo(x.dtype).bits >= 32:
+    return x + zero.astype(x.dtype)
+  bits = {8: jnp.uint8, 16: jnp.uint16}[jnp.finfo(x.dtype).bits]
+  int_zero = zero.astype(jnp.int32).astype(bits)  # 0, but only known once the cotangent exists
+  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, bits) + int_zero, x.dtype)
+
+
 def fence_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
   """`fn` with a VJP whose recomputation waits for the output cotangent.
 
@@ -65,7 +81,7 @@ def fence_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
   def backward(pullback, ct):
     zero = _cotangent_zero(ct)
     leaves, treedef = jax.tree.flatten(pullback)
-    leaves = [l + zero.astype(l.dtype) if _is_float(l) else l for l in leaves]
+    leaves = [_fence_leaf(l, zero) if _is_float(l) else l for l in leaves]
     return jax.tree.unflatten(treedef, leaves)(ct)
 
   fenced.defvjp(forward, backward)
