@@ -96,7 +96,7 @@ def test_residual_layer_norm_in_bfloat16_sums_in_float32_and_saves_no_float32_su
       params, xb.astype(jnp.float32), db.astype(jnp.float32))
   for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=2e-2 * np.abs(b).max())
-  print_saved_residuals(lambda p, a, b: loss(ln16, jnp.bfloat16)(p, a, b), params, xb, db)
+  print_saved_residuals(loss(ln16, jnp.bfloat16), params, xb, db)
   saved = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
   assert not [l for l in saved if l.startswith("f32[4,6,32]") and "from a constant" not in l], saved
   assert sum(line.startswith("bf16[4,6,32]") for line in saved) == 2, saved  # x and delta

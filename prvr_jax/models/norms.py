@@ -81,12 +81,12 @@ class LayerNorm(nn.Module):
   """LayerNorm over the last axis with float32 `scale` / `bias` (flax's names, so parameter trees
   are those of `flax.linen.LayerNorm`). (..., D) in any dtype -> (..., D) in `dtype`.
 
-  Called as `(x, delta)` it normalises the residual sum x + delta ((..., D) each, broadcast). In float32 that
-  is LayerNorm(x + delta), the sum saved for the backward pass. In a narrower dtype the sum is
-  formed in float32 (not rounded to `dtype` first) and the backward pass re-forms it from x and
-  delta: both are compute-dtype arrays, x usually saved anyway for the products that read it,
-  where a saved sum is a float32 array on XLA:CPU (it computes a bfloat16 sum in float32 and
-  fuses the rounding into every reader, the backward one included).
+  Called as `(x, delta)` it normalises the residual sum x + delta ((..., D) each, broadcast).
+  In float32 that is LayerNorm(x + delta), the sum saved for the backward pass. In a narrower
+  dtype the sum is formed in float32 (not rounded to `dtype` first) and the backward pass
+  re-forms it from x and delta: both are compute-dtype arrays, x usually saved anyway for the
+  products that read it, where a saved sum is a float32 array on XLA:CPU (it computes a bfloat16
+  sum in float32 and fuses the rounding into every reader, the backward one included).
   """
 
   epsilon: float = 1e-5
