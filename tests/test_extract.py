@@ -275,3 +275,30 @@ def test_empty_caption_names_the_line(checkpoint, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "c.caption.txt: caption 'v1#enc#1': empty caption (line 2)" in err
   assert not (tmp_path / "t.h5").exists()
+
+
+def test_output_that_predates_a_setting(checkpoint, tmp_path, capsys):
+  # A file written before `clip_dtype` was recorded (float32 was the only dtype then): resuming
+  # it in float32 continues it, in bfloat16 is refused; a file lacking another setting is refused.
+  captions = tmp_path / "tvrtrain.caption.txt"
+  captions.write_text("v1#enc#0 A man plays the guitar.\nv1#enc#1 a dog runs\n")
+  out = tmp_path / "old.h5"
+  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out),
+              "--max-items", "1") == 0
+  with h5py.File(out, "a") as f:
+    del f.attrs["clip_dtype"]
+  capsys.readouterr()
+  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out),
+              "--dtype", "bfloat16") == 2
+  err = capsys.readouterr().err
+  assert "records no clip_dtype" in err and "clip_dtype='float32'" in err and str(out) in err
+  with h5py.File(out) as f:
+    assert sorted(f.keys()) == ["v1#enc#0"]  # nothing mixed in
+  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out)) == 0
+  with h5py.File(out) as f:
+    assert sorted(f.keys()) == ["v1#enc#0", "v1#enc#1"]
+  with h5py.File(out, "a") as f:
+    del f.attrs["kind"]
+  capsys.readouterr()
+  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out)) == 2
+  assert "records no" in capsys.readouterr().err

@@ -29,6 +29,11 @@ from prvr_jax.errors import PrvrError
 from prvr_jax.utils.files import atomic_write_bytes
 
 
+# Settings that extraction outputs did not always record, and what the ones without them were
+# made with: CLIP ran in float32 only until `--dtype` came.
+LEGACY_SETTINGS = {"clip_dtype": "float32"}
+
+
 class StoreError(PrvrError, ValueError):
   """An output file or part that cannot be used; names the file and the item."""
 
@@ -52,7 +57,7 @@ class FeatureStore:
   """
 
   def __init__(self, path: str | os.PathLike, settings: Mapping[str, Any],
-               info: Mapping[str, Any] | None = None):
+               info: Mapping[str, Any] | None = None, assumed: Mapping[str, Any] | None = None):
     """Opens (or starts) an output and checks that earlier work used the same settings.
 
     Args:
@@ -60,6 +65,9 @@ class FeatureStore:
       settings: root attributes (str, or JSON-serialisable values stored as JSON) that must match
         an existing output's, e.g. kind, fps, model config.
       info: further root attributes, written but not checked (e.g. the checkpoint's path).
+      assumed: what an existing output that records no such setting was made with, for settings
+        added after outputs were already written (e.g. clip_dtype: float32, the only dtype
+        before); any other setting an existing output lacks is refused.
 
     Raises:
       StoreError: an unreadable existing output or part, or settings that differ from it.
@@ -68,6 +76,7 @@ class FeatureStore:
     self.parts_dir = self.path.with_name(self.path.name + ".parts")
     self.settings = _jsonable(settings)
     self.info = _jsonable(info or {})
+    self.assumed = _jsonable(assumed or {})
     self._ids: set[str] = set()
     self._next_part = 0
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +106,15 @@ class FeatureStore:
 
   def _check_settings(self, where: pathlib.Path, found: Mapping[str, str]) -> None:
     for key, want in self.settings.items():
-      if key in found and found[key] != want:
-        raise StoreError(f"{where}: earlier output was made with {key}={found[key]!r}, this run has "
+      if key in found:
+        have, how = found[key], "was made with"
+      elif key in self.assumed:
+        have, how = self.assumed[key], f"records no {key}, so it predates that setting and was made with"
+      else:
+        raise StoreError(f"{where}: earlier output records no {key} (this run has {key}={want!r}), "
+                         "so it cannot be checked against this run; use another --out")
+      if have != want:
+        raise StoreError(f"{where}: earlier output {how} {key}={have!r}, this run has "
                          f"{key}={want!r}; use another --out or the same settings")
 
   @staticmethod

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import tqdm
 
-from prvr_jax.clip.feature_store import FeatureStore
+from prvr_jax.clip.feature_store import LEGACY_SETTINGS, FeatureStore
 from prvr_jax.clip.model import ClipEncoders
 from prvr_jax.clip.summary import Summary
 from prvr_jax.text.tokenizer import ClipTokenizer
@@ -85,7 +85,7 @@ def extract_captions(encoders: ClipEncoders, params: Any, tokenizer: ClipTokeniz
   lines = read_captions(captions)[:max_items]
   settings = {"kind": "clip_caption_features", "text_features": text_features,
               "clip_config": dataclasses.asdict(encoders.config), "clip_dtype": encoders.dtype}
-  store = FeatureStore(out, settings, info)
+  store = FeatureStore(out, settings, info, assumed=LEGACY_SETTINGS)
   summary = Summary(kind="captions", out=str(out), listed=len(lines))
   todo = [c for c in lines if c.caption_id not in store]
   summary.skipped_existing = len(lines) - len(todo)

@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from prvr_jax.clip import preprocess
-from prvr_jax.clip.feature_store import FeatureStore
+from prvr_jax.clip.feature_store import LEGACY_SETTINGS, FeatureStore
 from prvr_jax.clip.model import ClipEncoders
 from prvr_jax.clip.summary import Summary
 from prvr_jax.clip.video import SampleInfo, VideoError, list_videos, sample_frames
@@ -159,7 +159,7 @@ def extract_videos(encoders: ClipEncoders, params: Any, videos: str | os.PathLik
   settings = {"kind": "clip_video_features", "fps": float(fps),
               "features": "visual_projection (CLIP image embeddings, not normalised)",
               "clip_config": dataclasses.asdict(encoders.config), "clip_dtype": encoders.dtype}
-  store = FeatureStore(out, settings, info)
+  store = FeatureStore(out, settings, info, assumed=LEGACY_SETTINGS)
   summary = Summary(kind="videos", out=str(out), listed=len(paths))
   todo = [(i, p) for i, p in zip(ids, paths) if i not in store]
   summary.skipped_existing = len(paths) - len(todo)
