@@ -38,3 +38,31 @@ def test_summary_statistics():
   assert c["f_test_p"] < 0.05 < c["brown_forsythe_p"]
   assert s["ours"]["final_range"] == [250.0, 301.0]
   assert s["authors"]["mean_sumr_per_epoch"] == pytest.approx([a.mean() / 2, a.mean()])
+
+
+def test_spread_tests_detect_a_wider_spread_and_hold_their_level():
+  rng = np.random.default_rng(7)
+  a, same, wide = rng.normal(290, 8, 40), rng.normal(290, 8, 40), rng.normal(290, 24, 40)
+  equal = ct.spread_tests(a, same, resamples=4000)
+  wider = ct.spread_tests(a, wide, resamples=4000)
+  assert equal["permutation_p"] > 0.2 and equal["sd_ratio_ci"][0] < 1 < equal["sd_ratio_ci"][1]
+  assert wider["permutation_p"] < 0.001 and wider["sd_ratio_ci"][0] > 1.8
+  ratio = wide.std(ddof=1) / a.std(ddof=1)
+  assert wider["sd_ratio_ci"][0] < ratio < wider["sd_ratio_ci"][1]
+  # Normal outcomes: the F-test's level is its nominal 5 %.
+  assert 0.03 < equal["f_test_level"] < 0.08
+  assert equal["shapiro_p"] == pytest.approx([stats.shapiro(a).pvalue, stats.shapiro(same).pvalue])
+  assert ct.spread_tests(a, same, resamples=4000) == equal  # fixed seed: reproducible
+
+
+def test_spread_tests_on_outcomes_with_a_long_low_tail():
+  # One distribution for both: mostly normal, 5 % slow starts 40 below. The F-test's real level
+  # on such data is far above 5 %; the permutation test does not reject here.
+  rng = np.random.default_rng(3)
+  draw = lambda n: rng.normal(292, 7, n) - 40 * (rng.random(n) < 0.05)
+  a, b = draw(40), np.concatenate([draw(38), [248.0, 244.0]])
+  s = ct.spread_tests(a, b, resamples=4000)
+  f = a.var(ddof=1) / b.var(ddof=1)
+  assert 2 * min(stats.f.cdf(f, 39, 39), stats.f.sf(f, 39, 39)) < 0.05  # the F-test rejects
+  assert s["f_test_level"] > 0.15 and s["permutation_p"] > 0.05
+  assert s["shapiro_p"][1] < 0.01
