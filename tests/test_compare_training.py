@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -66,3 +68,39 @@ def test_spread_tests_on_outcomes_with_a_long_low_tail():
   assert 2 * min(stats.f.cdf(f, 39, 39), stats.f.sf(f, 39, 39)) < 0.05  # the F-test rejects
   assert s["f_test_level"] > 0.15 and s["permutation_p"] > 0.05
   assert s["shapiro_p"][1] < 0.01
+
+
+def test_results_files_are_summarised_without_training(tmp_path, capsys):
+  runs = (_runs("authors", [290.0, 295.0, 300.0, 285.0])
+          + _runs("ours", [288.0, 301.0, 294.0, 289.0]))
+  first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  first.write_text("".join(json.dumps(r) + "\n" for r in runs[:5]))
+  # A later line of the same code and seed replaces the earlier one.
+  replaced = dict(runs[4], epochs=_runs("ours", [250.0])[0]["epochs"])
+  second.write_text("".join(json.dumps(r) + "\n" for r in [replaced, *runs[5:]]))
+  out = tmp_path / "summary"
+  assert ct.main(["--out", str(out), "--epochs", "2", "--results", str(first),
+                  "--results", str(second)]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["seeds"] == {"authors": [0, 1, 2, 3], "ours": [0, 1, 2, 3]}
+  assert summary["ours"]["final_range"] == [250.0, 301.0]
+  assert (out / "outcomes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "Welch p" in capsys.readouterr().out
+  second.write_text(second.read_text() + '{"code": "ours", "seed": 9}\n')
+  assert ct.main(["--out", str(out), "--epochs", "2", "--results", str(second)]) == 2
+  assert f"{second} line 5" in capsys.readouterr().err
+  assert ct.main(["--out", str(out), "--epochs", "5", "--results", str(first)]) == 2
+  assert "2 epochs, --epochs is 5" in capsys.readouterr().err
+
+
+def test_committed_outcome_runs_match_the_readme():
+  """tests/reference/outcome_runs.jsonl is the per-seed record behind README's outcome table."""
+  rows = [json.loads(l) for l in (ct.REPO_ROOT / "tests" / "reference" / "outcome_runs.jsonl")
+          .read_text().splitlines()]
+  s = ct._summary(rows, ("authors", "ours"), 5)
+  assert [len(s["seeds"][c]) for c in ("authors", "ours")] == [58, 58]
+  assert round(s["authors"]["mean_sumr_per_epoch"][-1], 1) == 292.3
+  assert round(s["ours"]["mean_sumr_per_epoch"][-1], 1) == 293.6
+  c = s["comparison"]
+  assert abs(c["difference_in_pooled_sd"]) <= 0.5 and c["permutation_p"] > 0.05
+  assert c["f_test_p"] > 0.05 and c["brown_forsythe_p"] > 0.05

@@ -294,11 +294,12 @@ def test_output_that_predates_a_setting(checkpoint, tmp_path, capsys):
   assert "records no clip_dtype" in err and "clip_dtype='float32'" in err and str(out) in err
   with h5py.File(out) as f:
     assert sorted(f.keys()) == ["v1#enc#0"]  # nothing mixed in
-  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out)) == 0
+  resume = ("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out))
+  assert _run(*resume) == 0
   with h5py.File(out) as f:
     assert sorted(f.keys()) == ["v1#enc#0", "v1#enc#1"]
   with h5py.File(out, "a") as f:
     del f.attrs["kind"]
   capsys.readouterr()
-  assert _run("captions", "--clip", str(checkpoint), "--captions", str(captions), "--out", str(out)) == 2
+  assert _run(*resume) == 2
   assert "records no" in capsys.readouterr().err

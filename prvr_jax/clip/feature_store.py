@@ -109,7 +109,8 @@ class FeatureStore:
       if key in found:
         have, how = found[key], "was made with"
       elif key in self.assumed:
-        have, how = self.assumed[key], f"records no {key}, so it predates that setting and was made with"
+        have = self.assumed[key]
+        how = f"records no {key}, so it predates that setting and was made with"
       else:
         raise StoreError(f"{where}: earlier output records no {key} (this run has {key}={want!r}), "
                          "so it cannot be checked against this run; use another --out")

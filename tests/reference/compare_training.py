@@ -9,6 +9,9 @@ On two cores, run the codes in two processes at once (one thread each) and summa
   ... compare_training --out runs/ours --codes ours; wait
   ... compare_training --out runs/ours --codes ours --also runs/authors
 
+Runs made elsewhere (their results.jsonl files) are summarised without training by
+`--results FILE` (repeatable), e.g. the committed tests/reference/outcome_runs.jsonl.
+
 The data: the synthetic benchmark (prvr_jax.data.synthetic) with 512 train / 200 val videos,
 256-d visual and text features and noisier frames and captions than the default (`SPEC`), written in the authors' TVR layout
 (prvr_jax.data.export_layout), so both codes read the same files. The protocol (as the authors
@@ -25,7 +28,8 @@ stored in `--out/results.jsonl` (one line per code and seed: val SumR, R@k, clip
 per epoch), so an interrupted comparison continues where it stopped. At the end the table of
 mean val SumR per epoch, the final recalls and the statistics (difference of means in pooled
 seed standard deviations, Welch's t-test, and the ratio of the spreads with its F-test) are
-printed and written to `--out/summary.json`. The spreads are compared with the F-test and with
+printed and written to `--out/summary.json` (curves and distributions drawn in
+`--out/outcomes.png`). The spreads are compared with the F-test and with
 tests that do not assume normal outcomes (`spread_tests`: Brown-Forsythe, a permutation test of the
 sd ratio, its bootstrap interval), with Shapiro-Wilk's test saying whether the F-test applies:
 final SumRs over seeds have a long low tail (a slowly starting run ends lower, in both codes), on
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -179,10 +184,12 @@ def spread_tests(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES,
   # (resamples, n_a + n_b): each row a random relabelling of the pooled, centred outcomes.
   shuffled = rng.permuted(np.broadcast_to(pool, (resamples, pool.size)), axis=1)
   permuted = log_ratio(shuffled[:, :a.size], shuffled[:, a.size:])
-  with np.errstate(divide="ignore"):  # a bootstrap draw of a few seeds can repeat one value
+  # A bootstrap draw of a few seeds can repeat one value (sd 0).
+  with np.errstate(divide="ignore", invalid="ignore"):
     boot = log_ratio(rng.choice(a, (resamples, a.size)), rng.choice(b, (resamples, b.size)))
   f = np.exp(-2 * permuted)  # var_a / var_b of each relabelling
-  f_p = 2 * np.minimum(stats.f.cdf(f, a.size - 1, b.size - 1), stats.f.sf(f, a.size - 1, b.size - 1))
+  dfs = (a.size - 1, b.size - 1)
+  f_p = 2 * np.minimum(stats.f.cdf(f, *dfs), stats.f.sf(f, *dfs))
   return dict(permutation_p=float(np.mean(np.abs(permuted) >= abs(observed) - 1e-12)),
               f_test_level=float(np.mean(f_p < 0.05)),
               sd_ratio_ci=[float(v) for v in np.exp(np.percentile(boot, [2.5, 97.5]))],
@@ -222,6 +229,31 @@ def _summary(results: list[dict], codes: Sequence[str], epochs: int) -> dict[str
                                                           by_code[c]]) for c in codes)).pvalue)
                         for e in range(epochs)])
   return out
+
+
+def plot_outcomes(results: list[dict], codes: Sequence[str], path: pathlib.Path) -> None:
+  """PNG: val SumR per epoch of every seed (thin) and the mean (thick) per code, and the
+  empirical distribution of the final SumR per code."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  from prvr_jax.utils.files import atomic_write_bytes  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(11, 4.2))
+  curves_ax, ecdf_ax = fig.subplots(1, 2)
+  for code, colour in zip(codes, ("tab:blue", "tab:orange")):
+    curves = np.array([[e["SumR"] for e in r["epochs"]] for r in results if r["code"] == code])
+    curves_ax.plot(curves.T, color=colour, alpha=0.15, linewidth=0.8)
+    curves_ax.plot(curves.mean(0), color=colour, linewidth=2.5, label=f"{code} (mean of {len(curves)})")
+    final = np.sort(curves[:, -1])
+    ecdf_ax.step(final, np.arange(1, len(final) + 1) / len(final), where="post", color=colour,
+                 label=f"{code}: mean {final.mean():.1f}, sd {final.std(ddof=1):.1f}")
+  curves_ax.set(xlabel="epoch", ylabel="val SumR", title="val SumR per seed",
+                xticks=range(len(results[0]["epochs"])))
+  ecdf_ax.set(xlabel="final val SumR", ylabel="share of seeds", title="final SumR over seeds")
+  curves_ax.legend(loc="lower right")
+  ecdf_ax.legend(loc="upper left")
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  atomic_write_bytes(path, buffer.getvalue())
 
 
 def _print(summary: dict[str, Any], codes: Sequence[str], epochs: int) -> None:
@@ -264,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--also", action="append", default=[], type=pathlib.Path, metavar="OUT",
                       help="also read the finished runs of another --out directory (e.g. the "
                            "other code, run in a second process on the same data); repeatable")
+  parser.add_argument("--results", action="append", default=[], type=pathlib.Path, metavar="FILE",
+                      help="train nothing: summarise these results.jsonl files (all their seeds; "
+                           "a later line of a code and seed replaces an earlier one) into --out")
   args = parser.parse_args(argv)
+  if args.results:
+    return _summarise_files(args.results, args.out, args.epochs)
   seeds = [int(s) for s in args.seeds.split(",")]
   codes = args.codes.split(",")
   unknown = sorted(set(codes) - {"authors", "ours"})
@@ -307,9 +344,42 @@ def main(argv: list[str] | None = None) -> int:
     results += [json.loads(l) for l in other_file.read_text().splitlines()]
   codes = sorted({r["code"] for r in results} & {"authors", "ours"}, key=("authors", "ours").index)
   results = [r for r in results if r["seed"] in seeds and r["code"] in codes]
-  summary = _summary(results, codes, args.epochs)
-  (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  _print(summary, codes, args.epochs)
+  _write_summary(results, codes, args.out, args.epochs)
+  return 0
+
+
+def _write_summary(results: list[dict], codes: Sequence[str], out: pathlib.Path,
+                   epochs: int) -> None:
+  summary = _summary(results, codes, epochs)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  plot_outcomes(results, codes, out / "outcomes.png")
+  _print(summary, codes, epochs)
+  print(f"wrote {out / 'summary.json'} and {out / 'outcomes.png'}")
+
+
+def _summarise_files(files: Sequence[pathlib.Path], out: pathlib.Path, epochs: int) -> int:
+  rows: dict[tuple[str, int], dict] = {}
+  for path in files:
+    if not path.is_file():
+      print(f"error: --results {path}: no such file", file=sys.stderr)
+      return 2
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      try:
+        row = json.loads(line)
+        key = (row["code"], int(row["seed"]))
+        if len(row["epochs"]) != epochs:
+          raise ValueError(f"{len(row['epochs'])} epochs, --epochs is {epochs}")
+      except (ValueError, KeyError, TypeError) as e:
+        print(f"error: --results {path} line {number}: not a run of this comparison ({e})",
+              file=sys.stderr)
+        return 2
+      rows[key] = row
+  codes = sorted({c for c, _ in rows} & {"authors", "ours"}, key=("authors", "ours").index)
+  if not codes:
+    print("error: --results: no runs of 'authors' or 'ours' in the files", file=sys.stderr)
+    return 2
+  _write_summary(sorted(rows.values(), key=lambda r: (r["code"], r["seed"])), codes, out, epochs)
   return 0
 
 
