@@ -8,8 +8,8 @@ mirror the checkpoint's tensor names (see load.py).
 Images are NHWC float32, already CLIP-normalised (see preprocess.py).
 
 Compute dtype (`dtype`, a name in prvr_jax/utils/dtypes.py): float32 (the default; what the
-parity tests check) or bfloat16, with float32 parameters cast per use. LayerNorm statistics, attention logits and
-softmax stay float32, and every encoder output is float32.
+parity tests check) or bfloat16, with float32 parameters cast per use. LayerNorm statistics,
+attention logits and softmax stay float32, and every encoder output is float32.
 """
 
 from __future__ import annotations

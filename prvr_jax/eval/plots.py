@@ -25,7 +25,8 @@ _NOT_LOSS_PARTS = frozenset({"step", "loss", "lr", "grad_norm", "epoch", "split"
                              "steps_per_s", "examples_per_s"})
 
 
-def _save(fig: Figure, out_png: str | os.PathLike) -> str:
+def save_png(fig: Figure, out_png: str | os.PathLike) -> str:
+  """Writes `fig` as a PNG atomically (no half-written file); returns the path."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
   atomic_write_bytes(out_png, buf.getvalue())
@@ -98,7 +99,7 @@ def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | o
   ax_eval.set(title="retrieval", xlabel="step", ylabel="SumR")
   if evals:
     ax_eval.legend(fontsize="small")
-  return _save(fig, out_png)
+  return save_png(fig, out_png)
 
 
 def _recall_curve(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +144,7 @@ def plot_recall(report: Mapping[str, Any], out_png: str | os.PathLike,
   ax.set_title(title)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
-  return _save(fig, out_png)
+  return save_png(fig, out_png)
 
 
 def plot_diagnostics(diag: Mapping[str, Any], out_png: str | os.PathLike) -> str:
@@ -179,7 +180,7 @@ def plot_diagnostics(diag: Mapping[str, Any], out_png: str | os.PathLike) -> str
   ax_rho.set(title="Spearman: learned vs reference similarities", ylim=(-1.0, 1.0))
   if "split" in diag:
     fig.suptitle(f"semantic-collapse diagnostics ({diag['split']})")
-  return _save(fig, out_png)
+  return save_png(fig, out_png)
 
 
 def rank_bins(top: int) -> np.ndarray:
@@ -223,7 +224,7 @@ def plot_rank_histogram(ranks: Mapping[str, np.ndarray], out_png: str | os.PathL
   ax.set_title("rank histogram" + (f": {title}" if title else ""))
   ax.grid(True, axis="y", alpha=0.3)
   ax.legend()
-  return _save(fig, out_png)
+  return save_png(fig, out_png)
 
 
 def plot_iou_histogram(ious: Mapping[str, np.ndarray], out_png: str | os.PathLike,
@@ -258,4 +259,4 @@ def plot_iou_histogram(ious: Mapping[str, np.ndarray], out_png: str | os.PathLik
   ax.set_title("moment IoU" + (f": {title}" if title else ""))
   ax.grid(True, alpha=0.3)
   ax.legend()
-  return _save(fig, out_png)
+  return save_png(fig, out_png)

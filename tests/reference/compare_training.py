@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import os
@@ -153,6 +152,17 @@ def run_ours(data_root: pathlib.Path, seed: int, epochs: int, workdir: pathlib.P
 
 RESAMPLES = 20000  # permutation and bootstrap draws of the spread statistics
 RESAMPLE_SEED = 0
+CODES = ("authors", "ours")
+
+
+def _known_codes(codes: Any) -> list[str]:
+  """The codes among `codes` that this comparison knows, in CODES order."""
+  return sorted(set(codes) & set(CODES), key=CODES.index)
+
+
+def _f_test_p(var_ratio: Any, df_a: int, df_b: int) -> Any:
+  """Two-sided F-test p-value(s) of var_a / var_b (scalar or array) with (df_a, df_b)."""
+  return 2 * np.minimum(stats.f.cdf(var_ratio, df_a, df_b), stats.f.sf(var_ratio, df_a, df_b))
 
 
 def spread_tests(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES,
@@ -187,9 +197,8 @@ def spread_tests(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES,
   # A bootstrap draw of a few seeds can repeat one value (sd 0).
   with np.errstate(divide="ignore", invalid="ignore"):
     boot = log_ratio(rng.choice(a, (resamples, a.size)), rng.choice(b, (resamples, b.size)))
-  f = np.exp(-2 * permuted)  # var_a / var_b of each relabelling
-  dfs = (a.size - 1, b.size - 1)
-  f_p = 2 * np.minimum(stats.f.cdf(f, *dfs), stats.f.sf(f, *dfs))
+  # var_a / var_b of each relabelling.
+  f_p = _f_test_p(np.exp(-2 * permuted), a.size - 1, b.size - 1)
   return dict(permutation_p=float(np.mean(np.abs(permuted) >= abs(observed) - 1e-12)),
               f_test_level=float(np.mean(f_p < 0.05)),
               sd_ratio_ci=[float(v) for v in np.exp(np.percentile(boot, [2.5, 97.5]))],
@@ -199,21 +208,24 @@ def spread_tests(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES,
 def _summary(results: list[dict], codes: Sequence[str], epochs: int) -> dict[str, Any]:
   by_code = {c: [r for r in results if r["code"] == c] for c in codes}
   out: dict[str, Any] = {"seeds": {c: [r["seed"] for r in rs] for c, rs in by_code.items()}}
+  # (seeds, epochs) val SumR per code.
+  curves = {c: np.array([[e["SumR"] for e in r["epochs"]] for r in rs])
+            for c, rs in by_code.items()}
   for code, rs in by_code.items():
-    curves = np.array([[e["SumR"] for e in r["epochs"]] for r in rs])
     final = np.array([[r["epochs"][-1][k] for k in RECALLS] for r in rs])
     out[code] = dict(
-        mean_sumr_per_epoch=curves.mean(0).tolist(), final_mean=dict(zip(RECALLS, final.mean(0).tolist())),
-        final_sd=float(np.std(curves[:, -1], ddof=1)) if len(rs) > 1 else 0.0,
-        final_range=[float(curves[:, -1].min()), float(curves[:, -1].max())],
+        mean_sumr_per_epoch=curves[code].mean(0).tolist(),
+        final_mean=dict(zip(RECALLS, final.mean(0).tolist())),
+        final_sd=float(np.std(curves[code][:, -1], ddof=1)) if len(rs) > 1 else 0.0,
+        final_range=[float(curves[code][:, -1].min()), float(curves[code][:, -1].max())],
         clip_sumr=float(np.mean([r["epochs"][-1]["clip"]["SumR"] for r in rs])),
         frame_sumr=float(np.mean([r["epochs"][-1]["frame"]["SumR"] for r in rs])))
   if len(codes) == 2 and all(len(by_code[c]) > 1 for c in codes):
-    a, b = (np.array([r["epochs"][-1]["SumR"] for r in by_code[c]]) for c in codes)
+    a, b = (curves[c][:, -1] for c in codes)
     pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1))
                        / (len(a) + len(b) - 2))
     f = a.var(ddof=1) / b.var(ddof=1)
-    f_p = 2 * min(stats.f.cdf(f, len(a) - 1, len(b) - 1), stats.f.sf(f, len(a) - 1, len(b) - 1))
+    f_p = _f_test_p(f, len(a) - 1, len(b) - 1)
     out["comparison"] = dict(
         difference=float(b.mean() - a.mean()), pooled_sd=pooled,
         difference_in_pooled_sd=float((b.mean() - a.mean()) / pooled) if pooled > 0 else 0.0,
@@ -225,8 +237,7 @@ def _summary(results: list[dict], codes: Sequence[str], epochs: int) -> dict[str
         below_authors_min=int(np.sum(b < a.min())), **spread_tests(a, b),
         # Per epoch: do the two codes' SumRs over seeds have one distribution (two-sample
         # Kolmogorov-Smirnov)? The early epochs show whether slow starts are as common.
-        ks_p_per_epoch=[float(stats.ks_2samp(*(np.array([r["epochs"][e]["SumR"] for r in
-                                                          by_code[c]]) for c in codes)).pvalue)
+        ks_p_per_epoch=[float(stats.ks_2samp(*(curves[c][:, e] for c in codes)).pvalue)
                         for e in range(epochs)])
   return out
 
@@ -234,14 +245,17 @@ def _summary(results: list[dict], codes: Sequence[str], epochs: int) -> dict[str
 def plot_outcomes(results: list[dict], codes: Sequence[str], path: pathlib.Path) -> None:
   """PNG: val SumR per epoch of every seed (thin) and the mean (thick) per code, and the
   empirical distribution of the final SumR per code."""
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  from prvr_jax.utils.files import atomic_write_bytes  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  # matplotlib only when a plot is drawn
+  from matplotlib.figure import Figure
+  from prvr_jax.eval import plots
+  # pylint: enable=import-outside-toplevel
   fig = Figure(figsize=(11, 4.2))
   curves_ax, ecdf_ax = fig.subplots(1, 2)
   for code, colour in zip(codes, ("tab:blue", "tab:orange")):
     curves = np.array([[e["SumR"] for e in r["epochs"]] for r in results if r["code"] == code])
     curves_ax.plot(curves.T, color=colour, alpha=0.15, linewidth=0.8)
-    curves_ax.plot(curves.mean(0), color=colour, linewidth=2.5, label=f"{code} (mean of {len(curves)})")
+    curves_ax.plot(curves.mean(0), color=colour, linewidth=2.5,
+                   label=f"{code} (mean of {len(curves)})")
     final = np.sort(curves[:, -1])
     ecdf_ax.step(final, np.arange(1, len(final) + 1) / len(final), where="post", color=colour,
                  label=f"{code}: mean {final.mean():.1f}, sd {final.std(ddof=1):.1f}")
@@ -251,9 +265,7 @@ def plot_outcomes(results: list[dict], codes: Sequence[str], path: pathlib.Path)
   curves_ax.legend(loc="lower right")
   ecdf_ax.legend(loc="upper left")
   fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=110)
-  atomic_write_bytes(path, buffer.getvalue())
+  plots.save_png(fig, path)
 
 
 def _print(summary: dict[str, Any], codes: Sequence[str], epochs: int) -> None:
@@ -304,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     return _summarise_files(args.results, args.out, args.epochs)
   seeds = [int(s) for s in args.seeds.split(",")]
   codes = args.codes.split(",")
-  unknown = sorted(set(codes) - {"authors", "ours"})
+  unknown = sorted(set(codes) - set(CODES))
   if unknown:
     print(f"error: --codes: unknown {unknown}", file=sys.stderr)
     return 2
@@ -342,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr)
       return 2
     results += [json.loads(l) for l in other_file.read_text().splitlines()]
-  codes = sorted({r["code"] for r in results} & {"authors", "ours"}, key=("authors", "ours").index)
+  codes = _known_codes(r["code"] for r in results)
   results = [r for r in results if r["seed"] in seeds and r["code"] in codes]
   _write_summary(results, codes, args.out, args.epochs)
   return 0
@@ -375,7 +387,7 @@ def _summarise_files(files: Sequence[pathlib.Path], out: pathlib.Path, epochs: i
               file=sys.stderr)
         return 2
       rows[key] = row
-  codes = sorted({c for c, _ in rows} & {"authors", "ours"}, key=("authors", "ours").index)
+  codes = _known_codes(c for c, _ in rows)
   if not codes:
     print("error: --results: no runs of 'authors' or 'ours' in the files", file=sys.stderr)
     return 2
